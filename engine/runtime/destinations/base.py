@@ -1,0 +1,100 @@
+"""What every destination is.
+
+Two kinds:
+- a *local* destination writes into the engine's own database inside the message's transaction
+  (worklist rows, medication records): its effect commits together with the raw message, before
+  the sender gets `AA`. It refuses a message by raising `ProcessingError`.
+- a *queued* destination talks to a remote system. The synchronous stage only turns the mapped
+  outputs into payloads; the store queues one delivery per payload in the same transaction, and a
+  worker drains the queue later, in order per ordering key, with retries.
+
+Constructors do no I/O; `start()` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy.engine import Connection
+
+
+class DestinationConfig(BaseModel):
+    """Keys every destination accepts; each destination subclasses this with its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    type: str
+    enabled: bool = True
+
+
+@dataclass
+class MessageContext:
+    """One received message as the synchronous stage sees it."""
+
+    channel: str
+    raw: bytes
+    message: Any  # engine.hl7.er7.Message for HL7 channels, a dict for FHIR channels
+    message_type: str  # "ORM^O01", "ADT^A40", "DiagnosticReport" ...
+    control_id: str
+    received_at: datetime
+    message_id: int | None = None  # set by the writer once the row exists
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Payload:
+    """One unit a queued destination will deliver."""
+
+    body: bytes
+    ordering_key: str = ""  # deliveries with the same key go out in id order
+    content_type: str = "application/octet-stream"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DeliveryOutcome:
+    """What a remote said. `retry` means "try again later"; neither ok nor retry means dead."""
+
+    ok: bool
+    retry: bool = False
+    response: str = ""
+    error: str = ""
+
+
+class Destination:
+    kind: ClassVar[str] = "local"
+    Config: ClassVar[type[DestinationConfig]] = DestinationConfig
+
+    def __init__(self, config: DestinationConfig, *, base_dir: Any = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.base_dir = base_dir
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    async def stop(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+class LocalDestination(Destination):
+    kind: ClassVar[str] = "local"
+
+    def apply(self, conn: Connection, ctx: MessageContext, outputs: list[Any]) -> None:
+        """Write the mapped outputs; runs in the writer thread inside the message's transaction."""
+        raise NotImplementedError
+
+
+class QueuedDestination(Destination):
+    kind: ClassVar[str] = "queued"
+
+    def payloads(self, ctx: MessageContext, outputs: list[Any]) -> list[Payload]:
+        """Turn mapped outputs into what will be delivered (cheap, no I/O)."""
+        raise NotImplementedError
+
+    async def deliver(self, payload: Payload) -> DeliveryOutcome:
+        raise NotImplementedError
