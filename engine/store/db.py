@@ -1,0 +1,58 @@
+"""Opening the store: SQLite (WAL, fsync on commit) by default, PostgreSQL by URL.
+
+Durable means on disk: SQLite runs with `synchronous=FULL`, PostgreSQL with
+`synchronous_commit=on`. SQLite write transactions start with `BEGIN IMMEDIATE` so two writers
+queue on the lock instead of failing half-way through with "database is locked".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlmodel import SQLModel
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def sqlite_url_for(path: Path) -> str:
+    return f"sqlite:///{path.resolve()}"
+
+
+def make_engine(url: str, *, pool_size: int = 8) -> Engine:
+    if is_sqlite(url):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    engine = create_engine(url, pool_size=pool_size, max_overflow=8, pool_pre_ping=True)
+
+    @event.listens_for(engine, "connect")
+    def _on_pg_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        with dbapi_conn.cursor() as cur:
+            cur.execute("SET synchronous_commit = on")
+        dbapi_conn.commit()
+
+    return engine
+
+
+def init_db(engine: Engine) -> None:
+    """Create every table the engine uses (idempotent)."""
+    from engine.store import schema  # noqa: F401  (imports every table module)
+
+    SQLModel.metadata.create_all(engine)

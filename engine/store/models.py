@@ -1,0 +1,77 @@
+"""The two tables every channel uses: messages as received, and deliveries to destinations."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from sqlalchemy import Column, Index, LargeBinary, Text
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class MessageStatus(StrEnum):
+    PROCESSED = "processed"  # stored, mapped, local effects committed, deliveries queued
+    FILTERED = "filtered"  # stored and ACKed AA, but the channel's filter let it go no further
+    ERROR = "error"  # stored as received; the sender got AE/AR with the reason
+    DUPLICATE = "duplicate"  # a resend of a message already processed: answered with its ACK
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    DOING = "doing"
+    DONE = "done"
+    DEAD = "dead"
+
+
+class Message(SQLModel, table=True):
+    __tablename__ = "messages"
+    __table_args__ = (
+        Index("ix_messages_dedupe", "channel", "sender", "control_id"),
+        Index("ix_messages_channel_received", "channel", "received_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    channel: str = Field(max_length=100)
+    sender: str = Field(default="", max_length=400)  # MSH-3|MSH-4 (or client address)
+    control_id: str = Field(default="", max_length=200, index=True)
+    message_type: str = Field(default="", max_length=40, index=True)
+    patient_id: str = Field(default="", max_length=200, index=True)
+    body_hash: str = Field(default="", max_length=64)
+    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    received_at: datetime = Field(default_factory=utcnow, index=True)
+    processed_at: datetime | None = None
+    status: str = Field(default=MessageStatus.PROCESSED, max_length=20, index=True)
+    flags: str = Field(default="", max_length=200)  # e.g. "control-id-reused"
+    error: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    error_code: int | None = None
+    error_location: str = Field(default="", max_length=100)
+    ack: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    replay_of: int | None = None
+
+
+class Delivery(SQLModel, table=True):
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        Index("ix_deliveries_claim", "channel", "state", "next_attempt_at"),
+        Index("ix_deliveries_order", "channel", "destination", "ordering_key", "state"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    message_id: int = Field(foreign_key="messages.id", index=True)
+    channel: str = Field(max_length=100)
+    destination: str = Field(max_length=100)
+    ordering_key: str = Field(default="", max_length=200)
+    state: str = Field(default=DeliveryState.PENDING, max_length=10)
+    attempts: int = 0
+    next_attempt_at: datetime = Field(default_factory=utcnow)
+    claimed_at: datetime | None = None
+    payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    content_type: str = Field(default="application/octet-stream", max_length=100)
+    last_error: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    response: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,186 @@
+"""The durable delivery queue.
+
+A delivery is claimed in one statement; a delivery is eligible only when no earlier delivery of
+the same channel, destination and ordering key is still waiting or in flight, so per-key order
+holds even with several engine processes (PostgreSQL: `FOR UPDATE SKIP LOCKED`). A delivery
+stuck in `doing` longer than the stall timeout (its worker died) becomes eligible again.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, and_, exists, func, select, update
+from sqlalchemy.orm import aliased
+
+from engine.store.models import Delivery, DeliveryState, Message, MessageStatus, utcnow
+
+DELIVERIES = Delivery.__table__  # type: ignore[attr-defined]
+MESSAGES = Message.__table__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential back-off with a cap and jitter; `dead` after max_attempts."""
+
+    max_attempts: int = 10
+    base: float = 1.0
+    cap: float = 300.0
+    jitter: float = 0.2
+
+    def wait(self, attempts: int) -> float:
+        delay = min(self.cap, self.base * (2 ** max(0, attempts - 1)))
+        return delay * (1 + random.uniform(-self.jitter, self.jitter))
+
+    def decide(self, attempts: int) -> float | None:
+        """Seconds until the next attempt, or None when the delivery should go dead."""
+        if attempts >= self.max_attempts:
+            return None
+        return self.wait(attempts)
+
+
+@dataclass
+class ClaimedDelivery:
+    id: int
+    message_id: int
+    destination: str
+    ordering_key: str
+    attempts: int
+    payload: bytes
+    content_type: str
+
+
+def claim(
+    engine: Engine, channel: str, *, limit: int = 32, stall: timedelta = timedelta(minutes=5)
+) -> list[ClaimedDelivery]:
+    now = utcnow()
+    earlier = aliased(DELIVERIES)
+    live = [DeliveryState.PENDING, DeliveryState.DOING]
+    blocked = exists().where(
+        and_(
+            earlier.c.channel == DELIVERIES.c.channel,
+            earlier.c.destination == DELIVERIES.c.destination,
+            earlier.c.ordering_key == DELIVERIES.c.ordering_key,
+            earlier.c.id < DELIVERIES.c.id,
+            earlier.c.state.in_(live),
+        )
+    )
+    eligible = (
+        ((DELIVERIES.c.state == DeliveryState.PENDING) & (DELIVERIES.c.next_attempt_at <= now))
+        | ((DELIVERIES.c.state == DeliveryState.DOING) & (DELIVERIES.c.claimed_at < now - stall))
+    )
+    candidates = (
+        select(DELIVERIES.c.id)
+        .where(DELIVERIES.c.channel == channel, eligible, ~blocked)
+        .order_by(DELIVERIES.c.id)
+        .limit(limit)
+    )
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            candidates = candidates.with_for_update(skip_locked=True, of=DELIVERIES)
+        ids = [row[0] for row in conn.execute(candidates)]
+        if not ids:
+            return []
+        rows = conn.execute(
+            update(DELIVERIES)
+            .where(DELIVERIES.c.id.in_(ids))
+            .values(state=DeliveryState.DOING, claimed_at=now, updated_at=now)
+            .returning(
+                DELIVERIES.c.id,
+                DELIVERIES.c.message_id,
+                DELIVERIES.c.destination,
+                DELIVERIES.c.ordering_key,
+                DELIVERIES.c.attempts,
+                DELIVERIES.c.payload,
+                DELIVERIES.c.content_type,
+            )
+        ).all()
+    claimed = [ClaimedDelivery(*row) for row in rows]
+    claimed.sort(key=lambda d: d.id)
+    return claimed
+
+
+def mark_done(engine: Engine, delivery_id: int, response: str = "") -> None:
+    _finish(engine, delivery_id, state=DeliveryState.DONE, response=response, last_error="")
+
+
+def mark_failed(engine: Engine, delivery: ClaimedDelivery, error: str, policy: RetryPolicy,
+                *, retry: bool, response: str = "") -> str:
+    """Record a failed attempt: back to pending after a back-off, or dead. Returns the new state."""
+    attempts = delivery.attempts + 1
+    wait = policy.decide(attempts) if retry else None
+    if wait is None:
+        _finish(engine, delivery.id, state=DeliveryState.DEAD, response=response, last_error=error)
+        return DeliveryState.DEAD
+    now = utcnow()
+    with engine.begin() as conn:
+        conn.execute(
+            update(DELIVERIES)
+            .where(DELIVERIES.c.id == delivery.id)
+            .values(
+                state=DeliveryState.PENDING,
+                attempts=attempts,
+                next_attempt_at=now + timedelta(seconds=wait),
+                last_error=error[:2000],
+                response=response[:4000],
+                updated_at=now,
+            )
+        )
+    return DeliveryState.PENDING
+
+
+def _finish(engine: Engine, delivery_id: int, *, state: str, response: str, last_error: str) -> None:
+    now = utcnow()
+    with engine.begin() as conn:
+        conn.execute(
+            update(DELIVERIES)
+            .where(DELIVERIES.c.id == delivery_id)
+            .values(
+                state=state,
+                attempts=DELIVERIES.c.attempts + 1,
+                response=response[:4000],
+                last_error=last_error[:2000],
+                updated_at=now,
+            )
+        )
+
+
+def revive(engine: Engine, message_id: int) -> int:
+    """Put a message's dead deliveries back in the queue (operator replay)."""
+    now = utcnow()
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(DELIVERIES)
+            .where(DELIVERIES.c.message_id == message_id, DELIVERIES.c.state == DeliveryState.DEAD)
+            .values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=now, updated_at=now)
+        )
+    return int(result.rowcount or 0)
+
+
+def pending_count(engine: Engine, channel: str | None = None) -> int:
+    stmt = select(func.count()).where(DELIVERIES.c.state.in_([DeliveryState.PENDING, DeliveryState.DOING]))
+    if channel:
+        stmt = stmt.where(DELIVERIES.c.channel == channel)
+    with engine.connect() as conn:
+        return int(conn.execute(stmt).scalar_one())
+
+
+def deliveries_for(engine: Engine, message_id: int) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(DELIVERIES).where(DELIVERIES.c.message_id == message_id).order_by(DELIVERIES.c.id)
+        ).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def message_status_counts(engine: Engine, since: datetime | None = None) -> dict[str, int]:
+    stmt = select(MESSAGES.c.status, func.count()).group_by(MESSAGES.c.status)
+    if since:
+        stmt = stmt.where(MESSAGES.c.received_at >= since)
+    counts: dict[str, int] = {s.value: 0 for s in MessageStatus}
+    with engine.connect() as conn:
+        counts.update({status: int(n) for status, n in conn.execute(stmt)})
+    return counts

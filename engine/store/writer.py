@@ -1,0 +1,282 @@
+"""The one writer: commits received messages and their effects in groups.
+
+The event loop parses and maps; this thread owns a database connection and, for each group of
+waiting work units, runs one transaction: every unit gets a savepoint, its raw row, its local
+writes and its queued deliveries. A unit whose work raises is rolled back to its savepoint and
+stored alone as `error`, so one bad message never takes its neighbours down, and nothing is
+lost. After the single commit (one fsync for the whole group) each unit's future is resolved;
+only then may the sender get its answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, insert, select
+from sqlalchemy.engine import Connection
+
+from engine.errors import APPLICATION_INTERNAL_ERROR, ProcessingError
+from engine.store.models import Delivery, Message, MessageStatus, utcnow
+
+log = logging.getLogger(__name__)
+
+MESSAGES = Message.__table__  # type: ignore[attr-defined]
+DELIVERIES = Delivery.__table__  # type: ignore[attr-defined]
+
+
+@dataclass
+class QueuedPayload:
+    destination: str
+    body: bytes
+    ordering_key: str = ""
+    content_type: str = "application/octet-stream"
+
+
+@dataclass
+class WorkUnit:
+    """One received message and what the channel wants done with it, all or nothing."""
+
+    channel: str
+    raw: bytes
+    received_at: datetime
+    control_id: str = ""
+    message_type: str = ""
+    patient_id: str = ""
+    sender: str = ""
+    status: str = MessageStatus.PROCESSED
+    error: ProcessingError | None = None  # already failed before reaching the store
+    # (conn, message_id) -> payloads to queue; raises ProcessingError to refuse the message
+    effects: Callable[[Connection, int], list[QueuedPayload]] | None = None
+    # builds the answer for the sender from the outcome; its text is stored with the message
+    answer: Callable[[str, ProcessingError | None], str] | None = None
+    dedupe: bool = True
+    replay_of: int | None = None
+
+
+@dataclass
+class UnitResult:
+    message_id: int
+    status: str
+    answer: str
+    error: ProcessingError | None = None
+    duplicate_of: int | None = None
+    flags: str = ""
+
+
+@dataclass
+class _Pending:
+    unit: WorkUnit
+    done: Callable[[UnitResult | BaseException], None]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def body_hash(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+class Writer:
+    """Start once; `await submit(unit)` from the event loop; `stop()` drains and joins."""
+
+    def __init__(self, engine: Engine, *, max_batch: int = 512, dedupe_window: timedelta = timedelta(days=7)):
+        self.engine = engine
+        self.max_batch = max_batch
+        self.dedupe_window = dedupe_window
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.batches = 0
+        self.units = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    async def submit(self, unit: WorkUnit) -> UnitResult:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[UnitResult] = loop.create_future()
+
+        def done(result: UnitResult | BaseException) -> None:
+            loop.call_soon_threadsafe(_settle, fut, result)
+
+        self._queue.put(_Pending(unit, done))
+        return await fut
+
+    def submit_sync(self, unit: WorkUnit) -> UnitResult:
+        """For the CLI and tests: run one unit in its own transaction, in this thread."""
+        holder: list[UnitResult | BaseException] = []
+        self._commit([_Pending(unit, holder.append)])
+        result = holder[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    # -- the thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            self._commit(batch)
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        results: list[UnitResult] = []
+        try:
+            with self.engine.begin() as conn:
+                for pending in batch:
+                    results.append(self._apply(conn, pending.unit))
+        except BaseException as exc:  # the commit itself failed: nobody gets an answer
+            log.exception("store commit failed for a group of %d messages", len(batch))
+            for pending in batch:
+                pending.done(exc)
+            return
+        self.batches += 1
+        self.units += len(batch)
+        for pending, result in zip(batch, results, strict=True):
+            pending.done(result)
+
+    def _apply(self, conn: Connection, unit: WorkUnit) -> UnitResult:
+        digest = body_hash(unit.raw)
+        flags = ""
+        if unit.dedupe and unit.control_id and unit.error is None:
+            prior = self._find_prior(conn, unit)
+            if prior is not None:
+                if prior.body_hash == digest and prior.status != MessageStatus.ERROR:
+                    mid = self._insert_message(
+                        conn, unit, digest, MessageStatus.DUPLICATE, prior.ack, None, f"resend-of:{prior.id}"
+                    )
+                    return UnitResult(mid, MessageStatus.DUPLICATE, prior.ack, duplicate_of=prior.id)
+                if prior.body_hash != digest:
+                    flags = "control-id-reused"
+        if unit.error is not None:
+            return self._store_error(conn, unit, digest, unit.error, flags)
+        if unit.effects is None:  # nothing can fail after the insert: answer first, one statement
+            answer = unit.answer(unit.status, None) if unit.answer else ""
+            mid = self._insert_message(conn, unit, digest, unit.status, answer, None, flags)
+            return UnitResult(mid, unit.status, answer, flags=flags)
+        savepoint = conn.begin_nested()
+        try:
+            mid = self._insert_message(conn, unit, digest, unit.status, "", None, flags)
+            payloads = unit.effects(conn, mid)
+            if payloads:
+                now = utcnow()
+                conn.execute(
+                    insert(DELIVERIES),
+                    [
+                        {
+                            "message_id": mid,
+                            "channel": unit.channel,
+                            "destination": p.destination,
+                            "ordering_key": p.ordering_key,
+                            "state": "pending",
+                            "attempts": 0,
+                            "next_attempt_at": now,
+                            "payload": p.body,
+                            "content_type": p.content_type,
+                            "last_error": "",
+                            "response": "",
+                            "created_at": now,
+                            "updated_at": now,
+                        }
+                        for p in payloads
+                    ],
+                )
+            answer = unit.answer(unit.status, None) if unit.answer else ""
+            if answer:
+                conn.execute(MESSAGES.update().where(MESSAGES.c.id == mid).values(ack=answer))
+            savepoint.commit()
+            return UnitResult(mid, unit.status, answer, flags=flags)
+        except ProcessingError as exc:
+            savepoint.rollback()
+            return self._store_error(conn, unit, digest, exc, flags)
+        except Exception as exc:  # a bug or a database error in one unit: keep the message
+            log.exception("processing failed on channel %s control id %s", unit.channel, unit.control_id)
+            savepoint.rollback()
+            err = ProcessingError(f"internal error: {type(exc).__name__}", APPLICATION_INTERNAL_ERROR)
+            return self._store_error(conn, unit, digest, err, flags)
+
+    def _store_error(
+        self, conn: Connection, unit: WorkUnit, digest: str, exc: ProcessingError, flags: str
+    ) -> UnitResult:
+        answer = unit.answer(MessageStatus.ERROR, exc) if unit.answer else ""
+        mid = self._insert_message(conn, unit, digest, MessageStatus.ERROR, answer, exc, flags)
+        return UnitResult(mid, MessageStatus.ERROR, answer, error=exc, flags=flags)
+
+    def _find_prior(self, conn: Connection, unit: WorkUnit) -> Any:
+        since = unit.received_at - self.dedupe_window
+        stmt = (
+            select(MESSAGES.c.id, MESSAGES.c.body_hash, MESSAGES.c.ack, MESSAGES.c.status)
+            .where(
+                MESSAGES.c.channel == unit.channel,
+                MESSAGES.c.sender == unit.sender,
+                MESSAGES.c.control_id == unit.control_id,
+                MESSAGES.c.received_at >= since,
+                MESSAGES.c.status != MessageStatus.DUPLICATE,
+            )
+            .order_by(MESSAGES.c.id.desc())
+            .limit(1)
+        )
+        return conn.execute(stmt).first()
+
+    def _insert_message(
+        self,
+        conn: Connection,
+        unit: WorkUnit,
+        digest: str,
+        status: str,
+        answer: str,
+        exc: ProcessingError | None,
+        flags: str,
+    ) -> int:
+        values = {
+            "channel": unit.channel,
+            "sender": unit.sender[:400],
+            "control_id": unit.control_id[:200],
+            "message_type": unit.message_type[:40],
+            "patient_id": unit.patient_id[:200],
+            "body_hash": digest,
+            "raw": unit.raw,
+            "received_at": unit.received_at,
+            "processed_at": utcnow(),
+            "status": status,
+            "flags": flags,
+            "error": str(exc) if exc else "",
+            "error_code": exc.code if exc else None,
+            "error_location": (exc.location[:100] if exc else ""),
+            "ack": answer,
+            "replay_of": unit.replay_of,
+        }
+        result = conn.execute(insert(MESSAGES).values(**values))
+        return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+
+def _settle(fut: asyncio.Future[UnitResult], result: UnitResult | BaseException) -> None:
+    if fut.done():
+        return
+    if isinstance(result, BaseException):
+        fut.set_exception(result)
+    else:
+        fut.set_result(result)
