@@ -103,49 +103,46 @@ def claim(
     return claimed
 
 
-def mark_done(engine: Engine, delivery_id: int, response: str = "") -> None:
-    _finish(engine, delivery_id, state=DeliveryState.DONE, response=response, last_error="")
+@dataclass
+class Attempt:
+    """The outcome of one delivery attempt, to be recorded."""
+
+    delivery: ClaimedDelivery
+    ok: bool
+    retry: bool = False
+    response: str = ""
+    error: str = ""
 
 
-def mark_failed(engine: Engine, delivery: ClaimedDelivery, error: str, policy: RetryPolicy,
-                *, retry: bool, response: str = "") -> str:
-    """Record a failed attempt: back to pending after a back-off, or dead. Returns the new state."""
-    attempts = delivery.attempts + 1
-    wait = policy.decide(attempts) if retry else None
-    if wait is None:
-        _finish(engine, delivery.id, state=DeliveryState.DEAD, response=response, last_error=error)
-        return DeliveryState.DEAD
+def record(engine: Engine, attempts: list[Attempt], policy: RetryPolicy) -> dict[int, str]:
+    """Record a group of attempts in one transaction; returns delivery id -> new state.
+
+    A success is `done`; a retryable failure goes back to `pending` after a back-off, or `dead`
+    once the policy says so; a non-retryable failure is `dead` at once.
+    """
     now = utcnow()
+    states: dict[int, str] = {}
     with engine.begin() as conn:
-        conn.execute(
-            update(DELIVERIES)
-            .where(DELIVERIES.c.id == delivery.id)
-            .values(
-                state=DeliveryState.PENDING,
-                attempts=attempts,
-                next_attempt_at=now + timedelta(seconds=wait),
-                last_error=error[:2000],
-                response=response[:4000],
-                updated_at=now,
-            )
-        )
-    return DeliveryState.PENDING
-
-
-def _finish(engine: Engine, delivery_id: int, *, state: str, response: str, last_error: str) -> None:
-    now = utcnow()
-    with engine.begin() as conn:
-        conn.execute(
-            update(DELIVERIES)
-            .where(DELIVERIES.c.id == delivery_id)
-            .values(
-                state=state,
-                attempts=DELIVERIES.c.attempts + 1,
-                response=response[:4000],
-                last_error=last_error[:2000],
-                updated_at=now,
-            )
-        )
+        for attempt in attempts:
+            count = attempt.delivery.attempts + 1
+            values: dict[str, Any] = {
+                "attempts": count,
+                "response": attempt.response[:4000],
+                "last_error": attempt.error[:2000],
+                "updated_at": now,
+            }
+            if attempt.ok:
+                values["state"] = DeliveryState.DONE
+            else:
+                wait = policy.decide(count) if attempt.retry else None
+                if wait is None:
+                    values["state"] = DeliveryState.DEAD
+                else:
+                    values["state"] = DeliveryState.PENDING
+                    values["next_attempt_at"] = now + timedelta(seconds=wait)
+            conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == attempt.delivery.id).values(**values))
+            states[attempt.delivery.id] = values["state"]
+    return states
 
 
 def revive(engine: Engine, message_id: int) -> int:

@@ -29,6 +29,7 @@ class DestinationConfig(BaseModel):
     name: str
     type: str
     enabled: bool = True
+    types: list[str] = []  # message types this destination takes (empty: all the channel accepts)
 
 
 @dataclass

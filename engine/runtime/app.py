@@ -1,0 +1,141 @@
+"""The running engine: one store, one writer, the channels' sources, the delivery workers, the
+DICOM SCP and the scheduled jobs, started and stopped together."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Engine
+
+from engine.runtime.config import ChannelSpec, LoadedConfig
+from engine.runtime.delivery import DeliveryWorker
+from engine.runtime.destinations.base import Destination, QueuedDestination
+from engine.runtime.hl7_channel import HL7Channel
+from engine.runtime.registry import Registry
+from engine.store import queue
+from engine.store.db import init_db, make_engine
+from engine.store.writer import Writer
+
+log = logging.getLogger(__name__)
+
+# Each module registers its component(s) with `register(registry)`.
+COMPONENT_MODULES = [
+    "engine.runtime.sources.mllp",
+    "engine.runtime.destinations.file",
+    "engine.runtime.destinations.mllp",
+    "engine.runtime.destinations.worklist",
+]
+
+
+def default_registry() -> Registry:
+    registry = Registry()
+    for name in COMPONENT_MODULES:
+        importlib.import_module(name).register(registry)
+    return registry
+
+
+@dataclass
+class RunningChannel:
+    spec: ChannelSpec
+    handler: HL7Channel
+    source: Any
+    destinations: list[Destination]
+    worker: DeliveryWorker | None = None
+
+
+@dataclass
+class EngineApp:
+    config: LoadedConfig
+    registry: Registry
+    db: Engine | None = None
+    writer: Writer | None = None
+    channels: dict[str, RunningChannel] = field(default_factory=dict)
+    scp: Any = None
+    scheduler: Any = None
+
+    async def start(self) -> None:
+        cfg = self.config.engine
+        self.db = make_engine(self.config.storage_url)
+        await asyncio.to_thread(init_db, self.db)
+        self.writer = Writer(self.db, max_batch=cfg.storage.max_batch,
+                             dedupe_window=timedelta(hours=cfg.storage.dedupe_window_hours))
+        self.writer.start()
+        policy = queue.RetryPolicy(cfg.delivery.max_attempts, cfg.delivery.backoff_base_seconds,
+                                   cfg.delivery.backoff_cap_seconds)
+        for spec in self.config.channels:
+            if spec.config.enabled:
+                await self._start_channel(spec, policy)
+        if cfg.dicom.enabled:
+            self._start_scp()
+        self._start_jobs()
+
+    async def _start_channel(self, spec: ChannelSpec, policy: queue.RetryPolicy) -> None:
+        assert self.writer is not None and self.db is not None
+        destinations: list[Destination] = []
+        for dcfg in spec.destinations:
+            cls = self.registry.destinations[dcfg.type]  # type: ignore[attr-defined]
+            dest = cls(dcfg, base_dir=self.config.base_dir)
+            await dest.start()
+            destinations.append(dest)
+        handler = HL7Channel(spec, destinations, self.writer)
+        source_cls = self.registry.sources[spec.source.type]  # type: ignore[attr-defined]
+        source = source_cls(spec.source, handler.handle_frame)
+        queued = {d.name: d for d in destinations if isinstance(d, QueuedDestination)}
+        worker = None
+        if queued:
+            worker = DeliveryWorker(self.db, spec.config.name, queued, policy,
+                                    poll_interval=self.config.engine.delivery.poll_interval_seconds)
+            worker.start()
+        await source.start()
+        self.channels[spec.config.name] = RunningChannel(spec, handler, source, destinations, worker)
+        log.info("channel %s listening on %s:%s", spec.config.name, spec.source.host,  # type: ignore[attr-defined]
+                 source.port)
+
+    def _start_scp(self) -> None:
+        from engine.dicom.mwl_scp import WorklistSCP
+
+        d = self.config.engine.dicom
+        assert self.db is not None
+        self.scp = WorklistSCP(self.db, d.ae_title, d.host, d.port, allowed_callers=d.allowed_callers or None,
+                               station_from_caller=d.station_from_caller)
+        self.scp.start()
+        log.info("DICOM worklist SCP %s listening on %s:%s", d.ae_title, d.host, self.scp.port)
+
+    def _start_jobs(self) -> None:
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        from engine.runtime.jobs_worklist import purge_worklist
+
+        w = self.config.engine.worklist
+        self.scheduler = AsyncIOScheduler()
+        self.scheduler.add_job(
+            asyncio.to_thread, "interval", minutes=w.purge_interval_minutes, id="worklist-purge",
+            args=[purge_worklist, self.db, timedelta(hours=w.retention_hours), timedelta(days=w.idle_days)],
+            coalesce=True, max_instances=1,
+        )
+        self.scheduler.start()
+
+    async def stop(self) -> None:
+        for ch in self.channels.values():
+            await ch.source.stop()
+        for ch in self.channels.values():
+            if ch.worker is not None:
+                await ch.worker.stop()
+            for dest in ch.destinations:
+                await dest.stop()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+        if self.scp is not None:
+            self.scp.stop()
+        if self.writer is not None:
+            await asyncio.to_thread(self.writer.stop)
+        if self.db is not None:
+            self.db.dispose()
+
+    def port_of(self, channel: str) -> int:
+        return int(self.channels[channel].source.port)

@@ -1,0 +1,51 @@
+"""Reading stored messages back: what `engine messages` and the replay need."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from engine.store.models import Message
+
+MESSAGES = Message.__table__  # type: ignore[attr-defined]
+LIST_COLUMNS = ("id", "channel", "control_id", "message_type", "status", "received_at", "patient_id",
+                "error", "flags", "replay_of")
+
+
+@dataclass
+class MessageFilter:
+    channel: str | None = None
+    status: str | None = None
+    message_type: str | None = None
+    control_id: str | None = None
+    patient_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int = 50
+
+
+def list_messages(engine: Engine, f: MessageFilter) -> list[dict[str, Any]]:
+    cols = [MESSAGES.c[name] for name in LIST_COLUMNS]
+    stmt = select(*cols).order_by(MESSAGES.c.id.desc()).limit(f.limit)
+    conditions = {
+        "channel": f.channel, "status": f.status, "message_type": f.message_type,
+        "control_id": f.control_id, "patient_id": f.patient_id,
+    }
+    for name, value in conditions.items():
+        if value:
+            stmt = stmt.where(MESSAGES.c[name] == value)
+    if f.since:
+        stmt = stmt.where(MESSAGES.c.received_at >= f.since)
+    if f.until:
+        stmt = stmt.where(MESSAGES.c.received_at < f.until)
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(stmt).mappings()]
+
+
+def get_message(engine: Engine, message_id: int) -> dict[str, Any] | None:
+    with engine.connect() as conn:
+        row = conn.execute(select(MESSAGES).where(MESSAGES.c.id == message_id)).mappings().first()
+    return dict(row) if row else None
