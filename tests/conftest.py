@@ -1,0 +1,86 @@
+"""Shared fixtures: a real engine on free ports with the shipped configuration."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples" / "hl7"
+PG_URL = os.environ.get("ENGINE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def postgres_reachable() -> bool:
+    try:
+        eng = sqlalchemy.create_engine(PG_URL)
+        with eng.connect():
+            pass
+        eng.dispose()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_available() -> bool:
+    return postgres_reachable()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh database on SQLite and on PostgreSQL (a schema of its own per test)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'engine.db'}"
+        return
+    if not postgres_reachable():
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (user postgres, database test)")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+    admin.dispose()
+
+
+def engine_env(tmp_path: Path, storage_url: str | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "ENGINE_STORAGE_URL": storage_url or f"sqlite:///{tmp_path / 'engine.db'}",
+        "ORDERS_MLLP_PORT": "0",
+        "RESULTS_MLLP_PORT": "0",
+        "DICOM_PORT": "0",
+        "HTTP_PORT": "0",
+        "ORDERS_ARCHIVE_DIR": str(tmp_path / "archive"),
+        "RESULTS_OUTBOX_DIR": str(tmp_path / "outbox"),
+    })
+    return env
+
+
+@pytest.fixture
+async def running_engine(tmp_path: Path) -> AsyncIterator[object]:
+    """The shipped engine.yaml and channels, started in-process on free ports."""
+    from engine.runtime.app import EngineApp, default_registry
+    from engine.runtime.config import load_config
+
+    registry = default_registry()
+    loaded = load_config(ROOT / "engine.yaml", registry, env=engine_env(tmp_path))
+    app = EngineApp(loaded, registry)
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()
