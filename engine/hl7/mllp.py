@@ -1,0 +1,519 @@
+"""MLLP over TCP (optionally TLS): an asyncio server and a client, both bytes-only.
+
+The server is a Protocol rather than streams because it is the engine's hot path. Each connection
+handles its frames one at a time, in order, by awaiting the handler; connections are independent,
+so a broken, slow, oversized or silent peer only ever costs its own connection. Logs carry peer
+addresses, sizes and exception types, never message content (it is PHI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import ssl as _ssl
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.hl7.mllp_framing import (
+    COMMIT_ACK,
+    COMMIT_NAK,
+    DEFAULT_MAX_FRAME,
+    END_BLOCK,
+    START_BLOCK,
+    FrameReader,
+    FrameTooLarge,
+    MLLPError,
+    frame,
+)
+
+__all__ = [
+    "COMMIT_ACK",
+    "COMMIT_NAK",
+    "DEFAULT_MAX_FRAME",
+    "END_BLOCK",
+    "START_BLOCK",
+    "ConnInfo",
+    "FrameReader",
+    "FrameTooLarge",
+    "Handler",
+    "MLLPClient",
+    "MLLPError",
+    "MLLPServer",
+    "MLLPTimeout",
+    "client_ssl_context",
+    "frame",
+    "server_ssl_context",
+    "start_server",
+]
+
+log = logging.getLogger(__name__)
+
+_QUEUE_HIGH = 64  # frames waiting on one connection before we stop reading from it
+
+
+class MLLPTimeout(MLLPError):
+    """No reply within read_timeout: the message may or may not have been processed."""
+
+    may_have_been_delivered = True
+
+
+@dataclass(slots=True)
+class ConnInfo:
+    """What a handler may know about the connection a frame came on (no secrets, no PHI)."""
+
+    id: int
+    peer: tuple[Any, ...] | None
+    tls: bool = False
+    peer_cert: dict[str, Any] | None = None  # the verified client certificate, under mutual TLS
+
+
+Handler = Callable[[bytes, ConnInfo], Awaitable[bytes | None]]
+
+
+def _tune_socket(sock: socket.socket | None, keepalive: bool) -> None:
+    """NODELAY so replies are not held by Nagle; keepalive so half-open peers are found."""
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if keepalive:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for name, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 5)):
+                opt = getattr(socket, name, None)
+                if opt is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+    except OSError:  # the peer may already be gone; nothing to tune then
+        pass
+
+
+class _ServerConnection(asyncio.Protocol):
+    """One accepted connection: frames in, handler awaited per frame, replies out in order."""
+
+    def __init__(self, server: MLLPServer) -> None:
+        self._server = server
+        self._loop = server._loop
+        self._reader = FrameReader(server.max_frame)
+        self._queue: deque[bytes] = deque()
+        self._transport: asyncio.Transport | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._info: ConnInfo | None = None
+        self._closed = False
+        self._eof = False
+        self._counted = False
+        self._paused_reading = False
+        self._can_write: asyncio.Future[None] | None = None
+        self._last = 0.0  # last time bytes arrived or a reply went out
+        self._frame_start = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+        self.lost: asyncio.Future[None] = self._loop.create_future()
+
+    # -- asyncio callbacks -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        server = self._server
+        peer = transport.get_extra_info("peername")
+        if len(server._conns) >= server.max_connections:
+            log.warning("MLLP %s: refusing connection from %s, %d connections open",
+                        server.port, peer, len(server._conns))
+            self._closed = True
+            transport.close()
+            return
+        _tune_socket(transport.get_extra_info("socket"), server.keepalive)
+        ssl_obj = transport.get_extra_info("ssl_object")
+        cert = ssl_obj.getpeercert() if ssl_obj is not None else None
+        self._info = ConnInfo(next(server._ids), peer, ssl_obj is not None, cert or None)
+        server._conns.add(self)
+        self._counted = True
+        self._last = self._loop.time()
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        reader = self._reader
+        was_in_frame = reader.in_frame
+        try:
+            frames = reader.feed(data)
+        except FrameTooLarge as exc:
+            log.warning("MLLP %s: closing connection %s from %s: frame over %d bytes",
+                        self._server.port, self._id, self._peer, exc.limit)
+            self._close()
+            return
+        now = self._last = self._loop.time()
+        if frames:
+            self._queue.extend(frames)
+            if self._task is None:
+                self._task = self._loop.create_task(self._drain())
+            if len(self._queue) > _QUEUE_HIGH and not self._paused_reading:
+                self._paused_reading = True
+                self._transport.pause_reading()  # type: ignore[union-attr]
+        if reader.in_frame and (frames or not was_in_frame):
+            self._frame_start = now
+            deadline = self._deadline()
+            if deadline is not None and deadline < self._timer_when:
+                self._arm()
+
+    def eof_received(self) -> bool:
+        # The peer is done sending (or half-open); answer what is queued, then close.
+        self._eof = True
+        if self._task is None:
+            self._close()
+            return False
+        return self._info is None or not self._info.tls  # TLS cannot stay half-open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._queue.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._can_write is not None and not self._can_write.done():
+            self._can_write.set_result(None)
+        if self._counted:
+            self._server._conns.discard(self)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._can_write is None or self._can_write.done():
+            self._can_write = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._can_write is not None and not self._can_write.done():
+            self._can_write.set_result(None)
+
+    # -- work --------------------------------------------------------------------------------
+    async def _drain(self) -> None:
+        """Answer queued frames one by one, in arrival order."""
+        handler = self._server.handler
+        queue = self._queue
+        info = self._info
+        assert info is not None
+        try:
+            while queue and not self._closed:
+                body = queue.popleft()
+                try:
+                    reply = await handler(body, info)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.error("MLLP %s: handler raised %s on connection %s; closing it",
+                              self._server.port, type(exc).__name__, info.id)
+                    self._close()
+                    return
+                if self._closed:
+                    return
+                if reply is not None:
+                    self._transport.write(b"\x0b" + reply + b"\x1c\x0d")  # type: ignore[union-attr]
+                    if self._can_write is not None and not self._can_write.done():
+                        await self._can_write  # the peer is not reading; do not buffer without end
+                self._last = self._loop.time()
+                if self._paused_reading and len(queue) <= _QUEUE_HIGH // 2 and not self._closed:
+                    self._paused_reading = False
+                    self._transport.resume_reading()  # type: ignore[union-attr]
+        finally:
+            self._task = None
+        if self._eof:
+            self._close()
+
+    # -- timeouts ----------------------------------------------------------------------------
+    def _deadline(self) -> float | None:
+        server = self._server
+        if self._reader.in_frame and server.read_timeout is not None:
+            return self._frame_start + server.read_timeout
+        if self._task is not None or self._queue:
+            return None  # a handler is at work; its duration is the handler's business
+        if server.idle_timeout is not None:
+            return self._last + server.idle_timeout
+        return None
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._closed:
+            return
+        deadline = self._deadline()
+        if deadline is None:
+            # Nothing to time now; look again later in case the state changed.
+            step = self._server.idle_timeout or self._server.read_timeout
+            if step is None:
+                self._timer_when = float("inf")
+                return
+            deadline = self._loop.time() + step
+        self._timer_when = deadline
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        deadline = self._deadline()
+        if deadline is not None and self._loop.time() >= deadline:
+            what = "unfinished frame (read timeout)" if self._reader.in_frame else "idle timeout"
+            log.info("MLLP %s: closing connection %s from %s: %s",
+                     self._server.port, self._id, self._peer, what)
+            self._close()
+            return
+        self._arm()
+
+    # -- helpers -----------------------------------------------------------------------------
+    @property
+    def _id(self) -> int | None:
+        return self._info.id if self._info else None
+
+    @property
+    def _peer(self) -> Any:
+        return self._info.peer if self._info else None
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._transport is not None:
+            self._transport.close()
+
+    def _abort(self) -> None:
+        self._closed = True
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class MLLPServer:
+    """A listening MLLP endpoint; `port` is the bound port, `connections` the open ones."""
+
+    def __init__(self, handler: Handler, *, max_frame: int, read_timeout: float | None,
+                 idle_timeout: float | None, max_connections: int, keepalive: bool) -> None:
+        self.handler = handler
+        self.max_frame = max_frame
+        self.read_timeout = read_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.keepalive = keepalive
+        self.port = 0
+        self._loop = asyncio.get_running_loop()
+        self._server: asyncio.Server | None = None
+        self._conns: set[_ServerConnection] = set()
+        self._ids = itertools.count(1)
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting, let in-flight handlers finish (up to `grace` s), close every connection."""
+        if self._server is not None:
+            self._server.close()
+        conns = list(self._conns)
+        for conn in conns:
+            conn._queue.clear()  # frames not yet started go unanswered; the sender resends them
+            if conn._transport is not None and not conn._closed and not conn._paused_reading:
+                conn._paused_reading = True
+                conn._transport.pause_reading()
+        tasks = [c._task for c in conns if c._task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        for conn in conns:
+            conn._close()
+        lost = [c.lost for c in conns]
+        if lost:
+            await asyncio.wait(lost, timeout=1.0)
+            for conn in conns:
+                if not conn.lost.done():
+                    conn._abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def __aenter__(self) -> MLLPServer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def start_server(handler: Handler, host: str, port: int, *, ssl: _ssl.SSLContext | None = None,
+                       max_frame: int = DEFAULT_MAX_FRAME, read_timeout: float | None = 30,
+                       idle_timeout: float | None = 600, max_connections: int = 256,
+                       keepalive: bool = True) -> MLLPServer:
+    """Listen for MLLP on host:port (0 = any free port); `handler` answers each frame body."""
+    server = MLLPServer(handler, max_frame=max_frame, read_timeout=read_timeout,
+                        idle_timeout=idle_timeout, max_connections=max_connections, keepalive=keepalive)
+    loop = asyncio.get_running_loop()
+    server._server = await loop.create_server(
+        lambda: _ServerConnection(server), host, port, ssl=ssl, reuse_address=True, backlog=512,
+        ssl_handshake_timeout=read_timeout if ssl is not None else None,
+    )
+    server.port = server._server.sockets[0].getsockname()[1]
+    return server
+
+
+# -- client ------------------------------------------------------------------------------------
+class _ClientProtocol(asyncio.Protocol):
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_frame: int) -> None:
+        self._loop = loop
+        self.reader = FrameReader(max_frame)
+        self.waiter: asyncio.Future[bytes] | None = None
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.reader.feed(data)
+        except FrameTooLarge:
+            self._fail(MLLPError("reply frame over the size limit", may_have_been_delivered=True))
+            if self.transport is not None:
+                self.transport.close()
+            return
+        waiter = self.waiter
+        if frames and waiter is not None and not waiter.done():
+            waiter.set_result(frames[0])  # extra or unsolicited frames are dropped
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail(MLLPError(f"connection closed before the reply ({type(exc).__name__ if exc else 'EOF'})",
+                             may_have_been_delivered=True))
+
+    def _fail(self, exc: Exception) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
+
+
+class MLLPClient:
+    """Send frames and wait for each reply; reconnects on the next send after any failure.
+
+    MLLPTimeout (a subclass of MLLPError) means the outcome is unknown; other MLLPErrors carry
+    `may_have_been_delivered` (False for connect failures: the message never left).
+    """
+
+    def __init__(self, host: str, port: int, *, ssl: _ssl.SSLContext | None = None,
+                 connect_timeout: float = 10, read_timeout: float = 30,
+                 server_hostname: str | None = None, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.host = host
+        self.port = port
+        self.ssl = ssl
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.server_hostname = server_hostname
+        self.max_frame = max_frame
+        self._proto: _ClientProtocol | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def connected(self) -> bool:
+        return self._proto is not None and not self._proto.closed
+
+    async def connect(self) -> None:
+        """Open the connection now (send() does it on demand)."""
+        if self.connected:
+            return
+        self._drop()
+        loop = asyncio.get_running_loop()
+        kwargs: dict[str, Any] = {}
+        if self.ssl is not None:
+            kwargs["ssl"] = self.ssl
+            kwargs["server_hostname"] = self.server_hostname or self.host
+            kwargs["ssl_handshake_timeout"] = self.connect_timeout
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, proto = await loop.create_connection(
+                    lambda: _ClientProtocol(loop, self.max_frame), self.host, self.port, **kwargs)
+        except TimeoutError:
+            raise MLLPError(f"connect to {self.host}:{self.port} timed out",
+                            may_have_been_delivered=False) from None
+        except OSError as exc:
+            raise MLLPError(f"connect to {self.host}:{self.port} failed: {type(exc).__name__}: {exc}",
+                            may_have_been_delivered=False) from exc
+        _tune_socket(proto.transport.get_extra_info("socket") if proto.transport else None, True)
+        self._proto = proto
+
+    async def send(self, body: bytes) -> bytes:
+        """Send one frame body and return the reply body."""
+        async with self._lock:
+            if not self.connected:
+                await self.connect()
+            proto = self._proto
+            assert proto is not None and proto.transport is not None
+            waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            proto.waiter = waiter
+            try:
+                proto.transport.write(b"\x0b" + body + b"\x1c\x0d")
+                async with asyncio.timeout(self.read_timeout):
+                    return await waiter
+            except TimeoutError:
+                self._drop()  # a late reply would be taken for the next message's
+                raise MLLPTimeout(f"no reply from {self.host}:{self.port} within {self.read_timeout}s") \
+                    from None
+            except MLLPError:
+                self._drop()
+                raise
+            except (OSError, RuntimeError) as exc:
+                self._drop()
+                raise MLLPError(f"send to {self.host}:{self.port} failed: {type(exc).__name__}",
+                                may_have_been_delivered=True) from exc
+            finally:
+                proto.waiter = None
+
+    async def send_many(self, bodies: list[bytes]) -> list[bytes]:
+        """Send bodies one after the other (MLLP allows one in flight), returning the replies."""
+        return [await self.send(body) for body in bodies]
+
+    def _drop(self) -> None:
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.abort()
+        self._proto = None
+
+    async def close(self) -> None:
+        proto, self._proto = self._proto, None
+        if proto is not None and proto.transport is not None and not proto.closed:
+            proto.transport.close()
+            await asyncio.sleep(0)  # let the transport release its socket
+
+    async def __aenter__(self) -> MLLPClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+def server_ssl_context(cert: str, key: str, ca: str | None = None,
+                       require_client_cert: bool = False) -> _ssl.SSLContext:
+    """TLS 1.2+ server context; with `require_client_cert` a client needs a cert signed by `ca`."""
+    ctx = _ssl.SSLContext(_ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = _ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    if ca is not None:
+        ctx.load_verify_locations(cafile=ca)
+        ctx.verify_mode = _ssl.CERT_OPTIONAL
+    if require_client_cert:
+        if ca is None:
+            raise ValueError("require_client_cert needs the CA that signs client certificates")
+        ctx.verify_mode = _ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_ssl_context(ca: str | None = None, cert: str | None = None,
+                       key: str | None = None) -> _ssl.SSLContext:
+    """TLS 1.2+ client context verifying the server against `ca` (system CAs if None)."""
+    ctx = _ssl.create_default_context(cafile=ca)
+    ctx.minimum_version = _ssl.TLSVersion.TLSv1_2
+    if cert is not None:
+        ctx.load_cert_chain(cert, key)
+    return ctx
