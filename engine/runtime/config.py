@@ -174,24 +174,31 @@ def _load_channel(file: Path, base: Path, engine_cfg: EngineConfig, registry: Re
         return None, problems
     cfg, found = validate(doc, ChannelConfig)
     problems += found
-    if cfg is None:
-        return None, problems
-    source = _component(doc, ("source",), cfg.source, registry.sources, "source", problems)
+    # the source and destination blocks are checked even when the channel level has errors
+    raw = doc.data if isinstance(doc.data, dict) else {}
+    source = None
+    if isinstance(raw.get("source"), dict):
+        source = _component(doc, ("source",), raw["source"], registry.sources, "source", problems)
     destinations = []
     names: set[str] = set()
-    for i, block in enumerate(cfg.destinations):
+    blocks = raw.get("destinations") if isinstance(raw.get("destinations"), list) else []
+    for i, block in enumerate(blocks):
+        if not isinstance(block, dict):
+            continue
         dest = _component(doc, ("destinations", i), block, registry.destinations, "destination", problems)
         if dest is not None:
             if dest.name in names:
                 problems.append(doc.problem(("destinations", i, "name"), f"destination name {dest.name!r} repeats"))
             names.add(dest.name)
             destinations.append(dest)
+    if cfg is None or source is None:
+        return None, problems
     spec = ChannelSpec(config=cfg, source=source, destinations=destinations, file=file)  # type: ignore[arg-type]
-    if load_mappings:
+    if load_mappings and cfg.mappings:
         _load_channel_mappings(doc, spec, base / engine_cfg.mappings_dir, base, problems)
     if cfg.filter.when:
         _compile_filters(doc, spec, problems)
-    return (spec if source is not None else None), problems
+    return spec, problems
 
 
 def _component(doc: YamlDocument, loc: tuple[Any, ...], block: dict[str, Any], known: dict[str, type],
@@ -201,15 +208,9 @@ def _component(doc: YamlDocument, loc: tuple[Any, ...], block: dict[str, Any], k
         choices = ", ".join(sorted(known)) or "none registered"
         problems.append(doc.problem((*loc, "type"), f"unknown {what} type {kind!r} (known: {choices})"))
         return None
-    parsed, found = validate(doc, known[kind].Config, at=loc, data=_node(doc.data, loc))
+    parsed, found = validate(doc, known[kind].Config, at=loc, data=block)
     problems += found
     return parsed
-
-
-def _node(data: Any, loc: tuple[Any, ...]) -> Any:
-    for part in loc:
-        data = data[part]
-    return data
 
 
 def _load_channel_mappings(doc: YamlDocument, spec: ChannelSpec, mappings_dir: Path, base: Path,
