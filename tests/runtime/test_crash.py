@@ -27,9 +27,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_engine(env: dict[str, str], port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "engine", "run", "-c", str(ROOT / "engine.yaml")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def start_engine(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:  # a file, not a pipe: a full pipe would stall the engine
+        proc = subprocess.Popen([sys.executable, "-m", "engine", "run", "-c", str(ROOT / "engine.yaml")],
+                                env=env, stdout=out, stderr=out)
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
@@ -37,7 +38,7 @@ def start_engine(env: dict[str, str], port: int) -> subprocess.Popen:
             return proc
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read().decode() if proc.stderr else "engine exited")
+                raise RuntimeError(log.read_text(errors="replace")) from None
             time.sleep(0.1)
     raise RuntimeError("engine did not start")
 
@@ -72,7 +73,7 @@ def test_sigkill_loses_nothing_acked(tmp_path: Path) -> None:
         "ORDERS_ARCHIVE_DIR": str(tmp_path / "archive"), "RESULTS_OUTBOX_DIR": str(tmp_path / "outbox"),
         "ENGINE_LOG_LEVEL": "WARNING",
     })
-    proc = start_engine(env, port)
+    proc = start_engine(env, port, tmp_path / "engine.log")
     acked: list[str] = []
 
     async def load() -> None:
@@ -87,7 +88,7 @@ def test_sigkill_loses_nothing_acked(tmp_path: Path) -> None:
     proc.wait(timeout=30)
     assert len(acked) >= 400
 
-    proc = start_engine(env, port)  # restart on the same store: the queue drains
+    proc = start_engine(env, port, tmp_path / "engine.log")  # restart on the same store: the queue drains
     try:
         db = create_engine(env["ENGINE_STORAGE_URL"])
         with db.connect() as conn:
