@@ -72,7 +72,7 @@ class HL7Channel:
             unit = WorkUnit(self.name, raw, received_at, error=exc, dedupe=False)
             unit.answer = self._raw_answer(raw)
             return unit, "latin-1"
-        encoding = _python_codec(msg)
+        encoding = msg.codec  # the ACK goes back in the charset the message came in
         unit = WorkUnit(
             channel=self.name,
             raw=raw,
@@ -177,14 +177,3 @@ class HL7Channel:
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("channel=%s id=%s control_id=%s type=%s status=%s",
                       self.name, result.message_id, unit.control_id, unit.message_type, result.status)
-
-
-_CHARSETS = {
-    "": "latin-1", "ASCII": "ascii", "8859/1": "latin-1", "8859/2": "iso8859-2", "8859/5": "iso8859-5",
-    "8859/7": "iso8859-7", "8859/9": "iso8859-9", "8859/15": "iso8859-15",
-    "UNICODE UTF-8": "utf-8", "UNICODE": "utf-8",
-}
-
-
-def _python_codec(msg: Message) -> str:
-    return _CHARSETS.get((msg.charset or "").upper(), "utf-8")
