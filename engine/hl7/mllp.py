@@ -102,6 +102,7 @@ class _ServerConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._info: ConnInfo | None = None
         self._closed = False
+        self._stopping = False  # the server is closing: answer the frame in flight, take no more
         self._eof = False
         self._counted = False
         self._paused_reading = False
@@ -134,7 +135,7 @@ class _ServerConnection(asyncio.Protocol):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        if self._closed:
+        if self._closed or self._stopping:
             return
         reader = self._reader
         was_in_frame = reader.in_frame
@@ -199,21 +200,21 @@ class _ServerConnection(asyncio.Protocol):
                 body = queue.popleft()
                 try:
                     reply = await handler(body, info)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
+                    if self._closed:
+                        return
+                    if reply is not None:
+                        self._transport.write(b"\x0b" + reply + b"\x1c\x0d")  # type: ignore[union-attr]
+                except Exception as exc:  # only the type: the text may quote the message (PHI)
                     log.error("MLLP %s: handler raised %s on connection %s; closing it",
                               self._server.port, type(exc).__name__, info.id)
                     self._close()
                     return
-                if self._closed:
-                    return
                 if reply is not None:
-                    self._transport.write(b"\x0b" + reply + b"\x1c\x0d")  # type: ignore[union-attr]
                     if self._can_write is not None and not self._can_write.done():
                         await self._can_write  # the peer is not reading; do not buffer without end
                 self._last = self._loop.time()
-                if self._paused_reading and len(queue) <= _QUEUE_HIGH // 2 and not self._closed:
+                if self._paused_reading and len(queue) <= _QUEUE_HIGH // 2 and not (
+                        self._closed or self._stopping):
                     self._paused_reading = False
                     self._transport.resume_reading()  # type: ignore[union-attr]
         finally:
@@ -315,10 +316,8 @@ class MLLPServer:
             self._server.close()
         conns = list(self._conns)
         for conn in conns:
+            conn._stopping = True
             conn._queue.clear()  # frames not yet started go unanswered; the sender resends them
-            if conn._transport is not None and not conn._closed and not conn._paused_reading:
-                conn._paused_reading = True
-                conn._transport.pause_reading()
         tasks = [c._task for c in conns if c._task is not None]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace)
@@ -450,25 +449,29 @@ class MLLPClient:
                 await self.connect()
             proto = self._proto
             assert proto is not None and proto.transport is not None
-            waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[bytes] = loop.create_future()
             proto.waiter = waiter
+            # A bare timer is cheaper than asyncio.timeout() on this per-message path.
+            timer = loop.call_later(self.read_timeout, self._expire, waiter)
             try:
                 proto.transport.write(b"\x0b" + body + b"\x1c\x0d")
-                async with asyncio.timeout(self.read_timeout):
-                    return await waiter
-            except TimeoutError:
-                self._drop()  # a late reply would be taken for the next message's
-                raise MLLPTimeout(f"no reply from {self.host}:{self.port} within {self.read_timeout}s") \
-                    from None
+                return await waiter
             except MLLPError:
-                self._drop()
+                self._drop()  # after a timeout, a late reply would be taken for the next message's
                 raise
             except (OSError, RuntimeError) as exc:
                 self._drop()
                 raise MLLPError(f"send to {self.host}:{self.port} failed: {type(exc).__name__}",
                                 may_have_been_delivered=True) from exc
             finally:
+                timer.cancel()
                 proto.waiter = None
+
+    def _expire(self, waiter: asyncio.Future[bytes]) -> None:
+        if not waiter.done():
+            waiter.set_exception(
+                MLLPTimeout(f"no reply from {self.host}:{self.port} within {self.read_timeout}s"))
 
     async def send_many(self, bodies: list[bytes]) -> list[bytes]:
         """Send bodies one after the other (MLLP allows one in flight), returning the replies."""

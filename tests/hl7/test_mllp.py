@@ -43,8 +43,8 @@ class Raw:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, port: int) -> Raw:
-        return cls(*await asyncio.open_connection("127.0.0.1", port))
+    async def open(cls, port: int, limit: int = 2**16) -> Raw:
+        return cls(*await asyncio.open_connection("127.0.0.1", port, limit=limit))
 
     async def send(self, data: bytes) -> None:
         self.writer.write(data)
@@ -468,3 +468,35 @@ async def test_python_hl7_client_talks_to_our_server(serve: Callable[..., Awaita
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def test_handler_returning_a_non_bytes_reply_closes_the_connection(
+    serve: Callable[..., Awaitable[MLLPServer]], caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def handler(body: bytes, info: ConnInfo) -> bytes:
+        return "text, not bytes"  # type: ignore[return-value]
+
+    server = await serve(handler)
+    raw = await Raw.open(server.port)
+    with caplog.at_level(logging.ERROR, logger="engine.hl7.mllp"):
+        await raw.send(frame(b"x"))
+        assert await raw.closed_by_peer()
+    assert "TypeError" in caplog.text
+    await raw.close()
+
+
+async def test_peer_that_reads_late_gets_every_large_reply_in_order(
+    serve: Callable[..., Awaitable[MLLPServer]],
+) -> None:
+    async def big(body: bytes, info: ConnInfo) -> bytes:
+        return body * 200_000  # ~1 MB per reply, far beyond the socket buffers
+
+    server = await serve(big)
+    raw = await Raw.open(server.port, limit=2**24)  # readuntil must hold a whole 1 MB frame
+    bodies = [f"{i:04d}|".encode() for i in range(12)]
+    await raw.send(b"".join(frame(b) for b in bodies))
+    async with MLLPClient("127.0.0.1", server.port) as other:  # the server is not stuck
+        assert await other.send(b"o") == b"o" * 200_000
+    for body in bodies:
+        assert await raw.reply() == body * 200_000
+    await raw.close()
