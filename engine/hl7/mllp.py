@@ -120,8 +120,9 @@ class _ServerConnection(asyncio.Protocol):
         server = self._server
         peer = transport.get_extra_info("peername")
         if len(server._conns) >= server.max_connections:
-            log.warning("MLLP %s: refusing connection from %s, %d connections open",
-                        server.port, peer, len(server._conns))
+            log.warning(
+                "MLLP %s: refusing connection from %s, %d connections open", server.port, peer, len(server._conns)
+            )
             self._closed = True
             transport.close()
             return
@@ -142,8 +143,13 @@ class _ServerConnection(asyncio.Protocol):
         try:
             frames = reader.feed(data)
         except FrameTooLarge as exc:
-            log.warning("MLLP %s: closing connection %s from %s: frame over %d bytes",
-                        self._server.port, self._id, self._peer, exc.limit)
+            log.warning(
+                "MLLP %s: closing connection %s from %s: frame over %d bytes",
+                self._server.port,
+                self._id,
+                self._peer,
+                exc.limit,
+            )
             self._close()
             return
         now = self._last = self._loop.time()
@@ -205,16 +211,19 @@ class _ServerConnection(asyncio.Protocol):
                     if reply is not None:
                         self._transport.write(b"\x0b" + reply + b"\x1c\x0d")  # type: ignore[union-attr]
                 except Exception as exc:  # only the type: the text may quote the message (PHI)
-                    log.error("MLLP %s: handler raised %s on connection %s; closing it",
-                              self._server.port, type(exc).__name__, info.id)
+                    log.error(
+                        "MLLP %s: handler raised %s on connection %s; closing it",
+                        self._server.port,
+                        type(exc).__name__,
+                        info.id,
+                    )
                     self._close()
                     return
                 if reply is not None:
                     if self._can_write is not None and not self._can_write.done():
                         await self._can_write  # the peer is not reading; do not buffer without end
                 self._last = self._loop.time()
-                if self._paused_reading and len(queue) <= _QUEUE_HIGH // 2 and not (
-                        self._closed or self._stopping):
+                if self._paused_reading and len(queue) <= _QUEUE_HIGH // 2 and not (self._closed or self._stopping):
                     self._paused_reading = False
                     self._transport.resume_reading()  # type: ignore[union-attr]
         finally:
@@ -257,8 +266,7 @@ class _ServerConnection(asyncio.Protocol):
         deadline = self._deadline()
         if deadline is not None and self._loop.time() >= deadline:
             what = "unfinished frame (read timeout)" if self._reader.in_frame else "idle timeout"
-            log.info("MLLP %s: closing connection %s from %s: %s",
-                     self._server.port, self._id, self._peer, what)
+            log.info("MLLP %s: closing connection %s from %s: %s", self._server.port, self._id, self._peer, what)
             self._close()
             return
         self._arm()
@@ -292,8 +300,16 @@ class _ServerConnection(asyncio.Protocol):
 class MLLPServer:
     """A listening MLLP endpoint; `port` is the bound port, `connections` the open ones."""
 
-    def __init__(self, handler: Handler, *, max_frame: int, read_timeout: float | None,
-                 idle_timeout: float | None, max_connections: int, keepalive: bool) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_frame: int,
+        read_timeout: float | None,
+        idle_timeout: float | None,
+        max_connections: int,
+        keepalive: bool,
+    ) -> None:
         self.handler = handler
         self.max_frame = max_frame
         self.read_timeout = read_timeout
@@ -343,16 +359,35 @@ class MLLPServer:
         await self.close()
 
 
-async def start_server(handler: Handler, host: str, port: int, *, ssl: _ssl.SSLContext | None = None,
-                       max_frame: int = DEFAULT_MAX_FRAME, read_timeout: float | None = 30,
-                       idle_timeout: float | None = 600, max_connections: int = 256,
-                       keepalive: bool = True) -> MLLPServer:
+async def start_server(
+    handler: Handler,
+    host: str,
+    port: int,
+    *,
+    ssl: _ssl.SSLContext | None = None,
+    max_frame: int = DEFAULT_MAX_FRAME,
+    read_timeout: float | None = 30,
+    idle_timeout: float | None = 600,
+    max_connections: int = 256,
+    keepalive: bool = True,
+) -> MLLPServer:
     """Listen for MLLP on host:port (0 = any free port); `handler` answers each frame body."""
-    server = MLLPServer(handler, max_frame=max_frame, read_timeout=read_timeout,
-                        idle_timeout=idle_timeout, max_connections=max_connections, keepalive=keepalive)
+    server = MLLPServer(
+        handler,
+        max_frame=max_frame,
+        read_timeout=read_timeout,
+        idle_timeout=idle_timeout,
+        max_connections=max_connections,
+        keepalive=keepalive,
+    )
     loop = asyncio.get_running_loop()
     server._server = await loop.create_server(
-        lambda: _ServerConnection(server), host, port, ssl=ssl, reuse_address=True, backlog=512,
+        lambda: _ServerConnection(server),
+        host,
+        port,
+        ssl=ssl,
+        reuse_address=True,
+        backlog=512,
         ssl_handshake_timeout=read_timeout if ssl is not None else None,
     )
     server.port = server._server.sockets[0].getsockname()[1]
@@ -386,8 +421,12 @@ class _ClientProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._fail(MLLPError(f"connection closed before the reply ({type(exc).__name__ if exc else 'EOF'})",
-                             may_have_been_delivered=True))
+        self._fail(
+            MLLPError(
+                f"connection closed before the reply ({type(exc).__name__ if exc else 'EOF'})",
+                may_have_been_delivered=True,
+            )
+        )
 
     def _fail(self, exc: Exception) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -401,9 +440,17 @@ class MLLPClient:
     `may_have_been_delivered` (False for connect failures: the message never left).
     """
 
-    def __init__(self, host: str, port: int, *, ssl: _ssl.SSLContext | None = None,
-                 connect_timeout: float = 10, read_timeout: float = 30,
-                 server_hostname: str | None = None, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl: _ssl.SSLContext | None = None,
+        connect_timeout: float = 10,
+        read_timeout: float = 30,
+        server_hostname: str | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+    ) -> None:
         self.host = host
         self.port = port
         self.ssl = ssl
@@ -432,13 +479,14 @@ class MLLPClient:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, proto = await loop.create_connection(
-                    lambda: _ClientProtocol(loop, self.max_frame), self.host, self.port, **kwargs)
+                    lambda: _ClientProtocol(loop, self.max_frame), self.host, self.port, **kwargs
+                )
         except TimeoutError:
-            raise MLLPError(f"connect to {self.host}:{self.port} timed out",
-                            may_have_been_delivered=False) from None
+            raise MLLPError(f"connect to {self.host}:{self.port} timed out", may_have_been_delivered=False) from None
         except OSError as exc:
-            raise MLLPError(f"connect to {self.host}:{self.port} failed: {type(exc).__name__}: {exc}",
-                            may_have_been_delivered=False) from exc
+            raise MLLPError(
+                f"connect to {self.host}:{self.port} failed: {type(exc).__name__}: {exc}", may_have_been_delivered=False
+            ) from exc
         _tune_socket(proto.transport.get_extra_info("socket") if proto.transport else None, True)
         self._proto = proto
 
@@ -462,16 +510,16 @@ class MLLPClient:
                 raise
             except (OSError, RuntimeError) as exc:
                 self._drop()
-                raise MLLPError(f"send to {self.host}:{self.port} failed: {type(exc).__name__}",
-                                may_have_been_delivered=True) from exc
+                raise MLLPError(
+                    f"send to {self.host}:{self.port} failed: {type(exc).__name__}", may_have_been_delivered=True
+                ) from exc
             finally:
                 timer.cancel()
                 proto.waiter = None
 
     def _expire(self, waiter: asyncio.Future[bytes]) -> None:
         if not waiter.done():
-            waiter.set_exception(
-                MLLPTimeout(f"no reply from {self.host}:{self.port} within {self.read_timeout}s"))
+            waiter.set_exception(MLLPTimeout(f"no reply from {self.host}:{self.port} within {self.read_timeout}s"))
 
     async def send_many(self, bodies: list[bytes]) -> list[bytes]:
         """Send bodies one after the other (MLLP allows one in flight), returning the replies."""
@@ -496,8 +544,9 @@ class MLLPClient:
 
 
 # -- TLS ---------------------------------------------------------------------------------------
-def server_ssl_context(cert: str, key: str, ca: str | None = None,
-                       require_client_cert: bool = False) -> _ssl.SSLContext:
+def server_ssl_context(
+    cert: str, key: str, ca: str | None = None, require_client_cert: bool = False
+) -> _ssl.SSLContext:
     """TLS 1.2+ server context; with `require_client_cert` a client needs a cert signed by `ca`."""
     ctx = _ssl.SSLContext(_ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _ssl.TLSVersion.TLSv1_2
@@ -512,8 +561,7 @@ def server_ssl_context(cert: str, key: str, ca: str | None = None,
     return ctx
 
 
-def client_ssl_context(ca: str | None = None, cert: str | None = None,
-                       key: str | None = None) -> _ssl.SSLContext:
+def client_ssl_context(ca: str | None = None, cert: str | None = None, key: str | None = None) -> _ssl.SSLContext:
     """TLS 1.2+ client context verifying the server against `ca` (system CAs if None)."""
     ctx = _ssl.create_default_context(cafile=ca)
     ctx.minimum_version = _ssl.TLSVersion.TLSv1_2

@@ -75,8 +75,9 @@ class Raw:
 async def serve() -> AsyncIterator[Callable[..., Awaitable[MLLPServer]]]:
     servers: list[MLLPServer] = []
 
-    async def _start(handler: Callable[[bytes, ConnInfo], Awaitable[bytes | None]] = echo,
-                     **kwargs: object) -> MLLPServer:
+    async def _start(
+        handler: Callable[[bytes, ConnInfo], Awaitable[bytes | None]] = echo, **kwargs: object
+    ) -> MLLPServer:
         server = await start_server(handler, "127.0.0.1", 0, **kwargs)  # type: ignore[arg-type]
         servers.append(server)
         return server
@@ -164,7 +165,8 @@ async def test_garbage_outside_frames_is_ignored(serve: Callable[..., Awaitable[
 
 
 async def test_oversize_frame_closes_only_that_connection(
-    serve: Callable[..., Awaitable[MLLPServer]], caplog: pytest.LogCaptureFixture,
+    serve: Callable[..., Awaitable[MLLPServer]],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     handled: list[bytes] = []
 
@@ -280,8 +282,7 @@ async def test_half_closed_peer_gets_its_answers_then_the_connection_ends(
     await raw.close()
 
 
-async def test_max_connections(serve: Callable[..., Awaitable[MLLPServer]],
-                               caplog: pytest.LogCaptureFixture) -> None:
+async def test_max_connections(serve: Callable[..., Awaitable[MLLPServer]], caplog: pytest.LogCaptureFixture) -> None:
     server = await serve(max_connections=2)
     first = MLLPClient("127.0.0.1", server.port)
     second = MLLPClient("127.0.0.1", server.port)
@@ -305,7 +306,8 @@ async def test_max_connections(serve: Callable[..., Awaitable[MLLPServer]],
 
 
 async def test_handler_exception_closes_only_that_connection(
-    serve: Callable[..., Awaitable[MLLPServer]], caplog: pytest.LogCaptureFixture,
+    serve: Callable[..., Awaitable[MLLPServer]],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def handler(body: bytes, info: ConnInfo) -> bytes:
         if body.startswith(b"MSH"):
@@ -454,8 +456,13 @@ async def test_client_send_many(serve: Callable[..., Awaitable[MLLPServer]]) -> 
 async def test_python_hl7_client_talks_to_our_server(serve: Callable[..., Awaitable[MLLPServer]]) -> None:
     async def ack(body: bytes, info: ConnInfo) -> bytes:
         control_id = body.split(b"\r", 1)[0].split(b"|")[9]
-        return (b"MSH|^~\\&|ENGINE|HOSP|RIS|HOSP|20250101120001||ACK^O01^ACK|A" + control_id
-                + b"|P|2.5\rMSA|AA|" + control_id + b"\r")
+        return (
+            b"MSH|^~\\&|ENGINE|HOSP|RIS|HOSP|20250101120001||ACK^O01^ACK|A"
+            + control_id
+            + b"|P|2.5\rMSA|AA|"
+            + control_id
+            + b"\r"
+        )
 
     server = await serve(ack)
     reader, writer = await open_hl7_connection("127.0.0.1", server.port)
@@ -471,7 +478,8 @@ async def test_python_hl7_client_talks_to_our_server(serve: Callable[..., Awaita
 
 
 async def test_handler_returning_a_non_bytes_reply_closes_the_connection(
-    serve: Callable[..., Awaitable[MLLPServer]], caplog: pytest.LogCaptureFixture,
+    serve: Callable[..., Awaitable[MLLPServer]],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def handler(body: bytes, info: ConnInfo) -> bytes:
         return "text, not bytes"  # type: ignore[return-value]

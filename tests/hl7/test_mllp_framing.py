@@ -102,8 +102,11 @@ body_bytes = st.binary(max_size=200).map(lambda b: b.replace(b"\x0b", b"").repla
 
 
 @settings(max_examples=300, deadline=None)
-@given(bodies=st.lists(body_bytes, max_size=8), cuts=st.lists(st.integers(min_value=0), max_size=30),
-       junk=st.binary(max_size=5).map(lambda b: b.replace(b"\x0b", b"")))
+@given(
+    bodies=st.lists(body_bytes, max_size=8),
+    cuts=st.lists(st.integers(min_value=0), max_size=30),
+    junk=st.binary(max_size=5).map(lambda b: b.replace(b"\x0b", b"")),
+)
 def test_any_chunking_yields_exactly_the_frames(bodies: list[bytes], cuts: list[int], junk: bytes) -> None:
     stream = junk + b"".join(frame(b) + junk for b in bodies)
     points = sorted({c % (len(stream) + 1) for c in cuts})

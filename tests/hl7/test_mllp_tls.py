@@ -36,22 +36,39 @@ def _name(cn: str) -> x509.Name:
 def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | None = None) -> None:
     path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     if key is not None:
-        path.with_suffix(".key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        path.with_suffix(".key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
 
 
 def _make_ca(path: Path, cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn))
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -59,23 +76,30 @@ def _make_ca(path: Path, cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePri
     return cert, key
 
 
-def _make_leaf(path: Path, cn: str, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
-               server: bool) -> None:
+def _make_leaf(path: Path, cn: str, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], server: bool) -> None:
     ca_cert, ca_key = ca
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     builder = (
-        x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage(
-            [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
     )
     if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
     _write(path, builder.sign(ca_key, hashes.SHA256()), key)
 
 
@@ -114,8 +138,7 @@ async def tls_server(pki: Pki) -> AsyncIterator[MLLPServer]:
 
 @pytest.fixture
 async def mtls_server(pki: Pki) -> AsyncIterator[MLLPServer]:
-    ctx = server_ssl_context(pki.p("server.crt"), pki.p("server.key"), ca=pki.p("ca.crt"),
-                             require_client_cert=True)
+    ctx = server_ssl_context(pki.p("server.crt"), pki.p("server.key"), ca=pki.p("ca.crt"), require_client_cert=True)
     server = await start_server(echo, "127.0.0.1", 0, ssl=ctx, read_timeout=2)
     yield server
     await server.close()
@@ -166,14 +189,17 @@ async def test_mutual_tls_accepts_a_client_with_a_proper_cert(pki: Pki, mtls_ser
 
 @pytest.mark.parametrize("cert", [None, "rogue-client"])
 async def test_mutual_tls_refuses_a_client_without_a_trusted_cert(
-    pki: Pki, mtls_server: MLLPServer, cert: str | None,
+    pki: Pki,
+    mtls_server: MLLPServer,
+    cert: str | None,
 ) -> None:
     good_ctx = client_ssl_context(ca=pki.p("ca.crt"), cert=pki.p("client.crt"), key=pki.p("client.key"))
     good = MLLPClient("127.0.0.1", mtls_server.port, ssl=good_ctx)
     assert await good.send(b"before") == b"True|ris.example|before"
 
-    bad_ctx = client_ssl_context(ca=pki.p("ca.crt"), cert=pki.p(f"{cert}.crt") if cert else None,
-                                 key=pki.p(f"{cert}.key") if cert else None)
+    bad_ctx = client_ssl_context(
+        ca=pki.p("ca.crt"), cert=pki.p(f"{cert}.crt") if cert else None, key=pki.p(f"{cert}.key") if cert else None
+    )
     bad = MLLPClient("127.0.0.1", mtls_server.port, ssl=bad_ctx, read_timeout=WAIT)
     # Under TLS 1.3 the refusal may only show on the first read, so it surfaces from send().
     with pytest.raises(MLLPError):
@@ -191,8 +217,7 @@ def test_require_client_cert_needs_a_ca(pki: Pki) -> None:
 
 
 def test_contexts_refuse_old_protocols(pki: Pki) -> None:
-    server = server_ssl_context(pki.p("server.crt"), pki.p("server.key"), ca=pki.p("ca.crt"),
-                                require_client_cert=True)
+    server = server_ssl_context(pki.p("server.crt"), pki.p("server.key"), ca=pki.p("ca.crt"), require_client_cert=True)
     client = client_ssl_context(ca=pki.p("ca.crt"))
     assert server.verify_mode == ssl.CERT_REQUIRED
     assert server.minimum_version >= ssl.TLSVersion.TLSv1_2
