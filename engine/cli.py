@@ -245,8 +245,10 @@ def messages_list(
         return
     from engine.store.messages import MessageFilter, list_messages
 
-    rows = list_messages(_db(config), MessageFilter(channel, status, message_type, control_id, patient_id,
-                                                    _when(since), _when(until), limit))
+    rows = list_messages(
+        _db(config),
+        MessageFilter(channel, status, message_type, control_id, patient_id, _when(since), _when(until), limit),
+    )
     if as_json:
         for row in rows:
             row["received_at"] = row["received_at"].isoformat()
@@ -254,8 +256,15 @@ def messages_list(
         return
     table = Table("id", "received (UTC)", "channel", "type", "control id", "status", "error")
     for r in rows:
-        table.add_row(str(r["id"]), r["received_at"].strftime("%Y-%m-%d %H:%M:%S"), r["channel"], r["message_type"],
-                      r["control_id"], r["status"], (r["error"] or "")[:60])
+        table.add_row(
+            str(r["id"]),
+            r["received_at"].strftime("%Y-%m-%d %H:%M:%S"),
+            r["channel"],
+            r["message_type"],
+            r["control_id"],
+            r["status"],
+            (r["error"] or "")[:60],
+        )
     console.print(table)
 
 
@@ -271,11 +280,15 @@ def messages_show(ctx: typer.Context, message_id: int) -> None:
     if row is None:
         err.print(f"no message {message_id}")
         raise typer.Exit(1)
-    console.print(f"[bold]message {row['id']}[/bold] channel={row['channel']} type={row['message_type']} "
-                  f"control_id={row['control_id']} status={row['status']} received={row['received_at']}")
+    console.print(
+        f"[bold]message {row['id']}[/bold] channel={row['channel']} type={row['message_type']} "
+        f"control_id={row['control_id']} status={row['status']} received={row['received_at']}"
+    )
     if row["error"]:
-        console.print(f"[red]error[/red] {row['error']} (code {row['error_code']}, {row['error_location'] or '-'})",
-                      highlight=False)
+        console.print(
+            f"[red]error[/red] {row['error']} (code {row['error_code']}, {row['error_location'] or '-'})",
+            highlight=False,
+        )
     if row["flags"]:
         console.print(f"flags: {row['flags']}")
     raw = row["raw"]
@@ -296,8 +309,15 @@ def messages_show(ctx: typer.Context, message_id: int) -> None:
     console.rule("deliveries")
     table = Table("id", "destination", "state", "attempts", "next attempt", "last error", "response")
     for d in deliveries_for(db, message_id):
-        table.add_row(str(d["id"]), d["destination"], d["state"], str(d["attempts"]), str(d["next_attempt_at"]),
-                      d["last_error"][:60], d["response"][:40].replace("\r", " "))
+        table.add_row(
+            str(d["id"]),
+            d["destination"],
+            d["state"],
+            str(d["attempts"]),
+            str(d["next_attempt_at"]),
+            d["last_error"][:60],
+            d["response"][:40].replace("\r", " "),
+        )
     console.print(table)
 
 
@@ -305,8 +325,7 @@ def messages_show(ctx: typer.Context, message_id: int) -> None:
 def messages_replay(
     ctx: typer.Context,
     message_ids: list[int],
-    reprocess: Annotated[bool, typer.Option(help="run the message through its channel again as a new message")]
-    = False,
+    reprocess: Annotated[bool, typer.Option(help="run the message through its channel again as a new message")] = False,
 ) -> None:
     """Revive a message's dead deliveries, or send it through its channel again."""
     from engine.runtime.replay import replay

@@ -86,8 +86,9 @@ class YamlDocument:
         return Problem(self.display, line, col, key, message)
 
 
-def read_yaml(path: Path, *, env: Mapping[str, str] | None = None, display: str | None = None
-              ) -> tuple[YamlDocument | None, list[Problem]]:
+def read_yaml(
+    path: Path, *, env: Mapping[str, str] | None = None, display: str | None = None
+) -> tuple[YamlDocument | None, list[Problem]]:
     """Parse `path` and substitute environment references in every string scalar."""
     shown = display or str(path)
     try:
@@ -106,8 +107,9 @@ def read_yaml(path: Path, *, env: Mapping[str, str] | None = None, display: str 
     return doc, problems
 
 
-def _substitute(doc: YamlDocument, node: Any, loc: tuple[Any, ...], env: Mapping[str, str],
-                problems: list[Problem]) -> None:
+def _substitute(
+    doc: YamlDocument, node: Any, loc: tuple[Any, ...], env: Mapping[str, str], problems: list[Problem]
+) -> None:
     items: Any
     if isinstance(node, CommentedMap):
         items = list(node.items())
@@ -121,14 +123,19 @@ def _substitute(doc: YamlDocument, node: Any, loc: tuple[Any, ...], env: Mapping
             # "2575" validates as an int where the model wants one (pydantic lax mode)
             node[key] = substitute_env(value, env, missing)
             for name in missing:
-                problems.append(doc.problem((*loc, key), f"environment variable {name} is not set"
-                                            " and has no default (write ${" + name + ":-default})"))
+                problems.append(
+                    doc.problem(
+                        (*loc, key),
+                        f"environment variable {name} is not set and has no default (write ${{" + name + ":-default})",
+                    )
+                )
         else:
             _substitute(doc, value, (*loc, key), env, problems)
 
 
-def validate(doc: YamlDocument, model: type[BaseModel], *, at: tuple[Any, ...] = (), data: Any = None
-             ) -> tuple[Any, list[Problem]]:
+def validate(
+    doc: YamlDocument, model: type[BaseModel], *, at: tuple[Any, ...] = (), data: Any = None
+) -> tuple[Any, list[Problem]]:
     """Validate the whole document (or the node at `at`) into `model`, locating every error."""
     node = doc.data if data is None else data
     try:

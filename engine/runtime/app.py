@@ -62,11 +62,13 @@ class EngineApp:
         cfg = self.config.engine
         self.db = make_engine(self.config.storage_url)
         await asyncio.to_thread(init_db, self.db)
-        self.writer = Writer(self.db, max_batch=cfg.storage.max_batch,
-                             dedupe_window=timedelta(hours=cfg.storage.dedupe_window_hours))
+        self.writer = Writer(
+            self.db, max_batch=cfg.storage.max_batch, dedupe_window=timedelta(hours=cfg.storage.dedupe_window_hours)
+        )
         self.writer.start()
-        policy = queue.RetryPolicy(cfg.delivery.max_attempts, cfg.delivery.backoff_base_seconds,
-                                   cfg.delivery.backoff_cap_seconds)
+        policy = queue.RetryPolicy(
+            cfg.delivery.max_attempts, cfg.delivery.backoff_base_seconds, cfg.delivery.backoff_cap_seconds
+        )
         for spec in self.config.channels:
             if spec.config.enabled:
                 await self._start_channel(spec, policy)
@@ -88,21 +90,36 @@ class EngineApp:
         queued = {d.name: d for d in destinations if isinstance(d, QueuedDestination)}
         worker = None
         if queued:
-            worker = DeliveryWorker(self.db, spec.config.name, queued, policy,
-                                    poll_interval=self.config.engine.delivery.poll_interval_seconds)
+            worker = DeliveryWorker(
+                self.db,
+                spec.config.name,
+                queued,
+                policy,
+                poll_interval=self.config.engine.delivery.poll_interval_seconds,
+            )
             worker.start()
         await source.start()
         self.channels[spec.config.name] = RunningChannel(spec, handler, source, destinations, worker)
-        log.info("channel %s listening on %s:%s", spec.config.name, spec.source.host,  # type: ignore[attr-defined]
-                 source.port)
+        log.info(
+            "channel %s listening on %s:%s",
+            spec.config.name,
+            spec.source.host,  # type: ignore[attr-defined]
+            source.port,
+        )
 
     def _start_scp(self) -> None:
         from engine.dicom.mwl_scp import WorklistSCP
 
         d = self.config.engine.dicom
         assert self.db is not None
-        self.scp = WorklistSCP(self.db, d.ae_title, d.host, d.port, allowed_callers=d.allowed_callers or None,
-                               station_from_caller=d.station_from_caller)
+        self.scp = WorklistSCP(
+            self.db,
+            d.ae_title,
+            d.host,
+            d.port,
+            allowed_callers=d.allowed_callers or None,
+            station_from_caller=d.station_from_caller,
+        )
         self.scp.start()
         log.info("DICOM worklist SCP %s listening on %s:%s", d.ae_title, d.host, self.scp.port)
 
@@ -114,9 +131,13 @@ class EngineApp:
         w = self.config.engine.worklist
         self.scheduler = AsyncIOScheduler()
         self.scheduler.add_job(
-            asyncio.to_thread, "interval", minutes=w.purge_interval_minutes, id="worklist-purge",
+            asyncio.to_thread,
+            "interval",
+            minutes=w.purge_interval_minutes,
+            id="worklist-purge",
             args=[purge_worklist, self.db, timedelta(hours=w.retention_hours), timedelta(days=w.idle_days)],
-            coalesce=True, max_instances=1,
+            coalesce=True,
+            max_instances=1,
         )
         self.scheduler.start()
 

@@ -119,8 +119,9 @@ def _rel(path: Path, base: Path) -> str:
         return str(path)
 
 
-def load_config(path: Path, registry: Registry, *, env: Mapping[str, str] | None = None,
-                load_mappings: bool = True) -> LoadedConfig:
+def load_config(
+    path: Path, registry: Registry, *, env: Mapping[str, str] | None = None, load_mappings: bool = True
+) -> LoadedConfig:
     path = path.resolve()
     base = path.parent
     problems: list[Problem] = []
@@ -150,15 +151,25 @@ def load_config(path: Path, registry: Registry, *, env: Mapping[str, str] | None
                 continue
             shown = _rel(file, base)
             if spec.config.name in seen:
-                problems.append(Problem(shown, 1, 1, "name",
-                                        f"channel name {spec.config.name!r} is also used by {seen[spec.config.name]}"))
+                problems.append(
+                    Problem(
+                        shown,
+                        1,
+                        1,
+                        "name",
+                        f"channel name {spec.config.name!r} is also used by {seen[spec.config.name]}",
+                    )
+                )
             seen[spec.config.name] = shown
             port = getattr(spec.source, "port", None)
             host = getattr(spec.source, "host", "")
             if spec.config.enabled and port:
                 if (host, port) in ports:
-                    problems.append(Problem(shown, 1, 1, "source.port",
-                                            f"port {port} is also used by channel {ports[(host, port)]}"))
+                    problems.append(
+                        Problem(
+                            shown, 1, 1, "source.port", f"port {port} is also used by channel {ports[(host, port)]}"
+                        )
+                    )
                 ports[(host, port)] = spec.config.name
             channels.append(spec)
     if problems:
@@ -166,9 +177,14 @@ def load_config(path: Path, registry: Registry, *, env: Mapping[str, str] | None
     return LoadedConfig(path=path, base_dir=base, engine=engine_cfg, channels=channels)
 
 
-def _load_channel(file: Path, base: Path, engine_cfg: EngineConfig, registry: Registry,
-                  env: Mapping[str, str] | None, load_mappings: bool
-                  ) -> tuple[ChannelSpec | None, list[Problem]]:
+def _load_channel(
+    file: Path,
+    base: Path,
+    engine_cfg: EngineConfig,
+    registry: Registry,
+    env: Mapping[str, str] | None,
+    load_mappings: bool,
+) -> tuple[ChannelSpec | None, list[Problem]]:
     doc, problems = read_yaml(file, env=env, display=_rel(file, base))
     if doc is None:
         return None, problems
@@ -201,8 +217,14 @@ def _load_channel(file: Path, base: Path, engine_cfg: EngineConfig, registry: Re
     return spec, problems
 
 
-def _component(doc: YamlDocument, loc: tuple[Any, ...], block: dict[str, Any], known: dict[str, type],
-               what: str, problems: list[Problem]) -> Any:
+def _component(
+    doc: YamlDocument,
+    loc: tuple[Any, ...],
+    block: dict[str, Any],
+    known: dict[str, type],
+    what: str,
+    problems: list[Problem],
+) -> Any:
     kind = block.get("type")
     if kind not in known:
         choices = ", ".join(sorted(known)) or "none registered"
@@ -213,8 +235,9 @@ def _component(doc: YamlDocument, loc: tuple[Any, ...], block: dict[str, Any], k
     return parsed
 
 
-def _load_channel_mappings(doc: YamlDocument, spec: ChannelSpec, mappings_dir: Path, base: Path,
-                           problems: list[Problem]) -> None:
+def _load_channel_mappings(
+    doc: YamlDocument, spec: ChannelSpec, mappings_dir: Path, base: Path, problems: list[Problem]
+) -> None:
     from engine.mapping import MappingConfigError, load_mapping
 
     cache: dict[Path, Any] = {}

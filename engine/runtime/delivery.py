@@ -19,8 +19,16 @@ log = logging.getLogger(__name__)
 
 
 class DeliveryWorker:
-    def __init__(self, db: Engine, channel: str, destinations: dict[str, QueuedDestination],
-                 policy: queue.RetryPolicy, *, poll_interval: float = 0.2, batch: int = 64) -> None:
+    def __init__(
+        self,
+        db: Engine,
+        channel: str,
+        destinations: dict[str, QueuedDestination],
+        policy: queue.RetryPolicy,
+        *,
+        poll_interval: float = 0.2,
+        batch: int = 64,
+    ) -> None:
         self.db = db
         self.channel = channel
         self.destinations = destinations
@@ -68,16 +76,27 @@ class DeliveryWorker:
         states = await asyncio.to_thread(queue.record, self.db, attempts, self.policy)
         for d, o in zip(claimed, outcomes, strict=True):
             if not o.ok:
-                log.warning("channel=%s delivery=%s destination=%s message=%s state=%s error=%s",
-                            self.channel, d.id, d.destination, d.message_id, states[d.id], o.error[:200])
+                log.warning(
+                    "channel=%s delivery=%s destination=%s message=%s state=%s error=%s",
+                    self.channel,
+                    d.id,
+                    d.destination,
+                    d.message_id,
+                    states[d.id],
+                    o.error[:200],
+                )
         return len(claimed)
 
     async def _deliver(self, d: queue.ClaimedDelivery) -> DeliveryOutcome:
         dest = self.destinations.get(d.destination)
         if dest is None:
             return DeliveryOutcome(ok=False, retry=True, error=f"destination {d.destination!r} is not configured")
-        payload = Payload(d.payload, d.ordering_key, d.content_type,
-                          meta={"message_id": d.message_id, "delivery_id": d.id, "channel": self.channel})
+        payload = Payload(
+            d.payload,
+            d.ordering_key,
+            d.content_type,
+            meta={"message_id": d.message_id, "delivery_id": d.id, "channel": self.channel},
+        )
         try:
             return await dest.deliver(payload)
         except Exception as exc:

@@ -104,7 +104,9 @@ class HL7Channel:
         if self.accept and msg.message_type not in self.accept:
             raise ProcessingError(
                 f"message type {msg.message_type or '(empty)'} is not accepted on channel {self.name}",
-                UNSUPPORTED_MESSAGE_TYPE, "MSH-9", ack_code="AR",
+                UNSUPPORTED_MESSAGE_TYPE,
+                "MSH-9",
+                ack_code="AR",
             )
         if self.cfg.validate_structure:
             problems = validate_structure(msg)
@@ -171,9 +173,19 @@ class HL7Channel:
         if result.status == MessageStatus.ERROR and result.error is not None:
             log.warning(
                 "channel=%s id=%s control_id=%s type=%s status=error code=%s location=%s",
-                self.name, result.message_id, unit.control_id, unit.message_type,
-                result.error.code, result.error.location,
+                self.name,
+                result.message_id,
+                unit.control_id,
+                unit.message_type,
+                result.error.code,
+                result.error.location,
             )
         elif log.isEnabledFor(logging.DEBUG):
-            log.debug("channel=%s id=%s control_id=%s type=%s status=%s",
-                      self.name, result.message_id, unit.control_id, unit.message_type, result.status)
+            log.debug(
+                "channel=%s id=%s control_id=%s type=%s status=%s",
+                self.name,
+                result.message_id,
+                unit.control_id,
+                unit.message_type,
+                result.status,
+            )

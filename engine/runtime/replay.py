@@ -44,8 +44,10 @@ async def replay(loaded: LoadedConfig, message_ids: list[int], *, reprocess: boo
                 lines.append(f"{mid}: channel {row['channel']} is no longer configured")
                 continue
             if spec.config.name not in channels:
-                dests = [registry.destinations[d.type](d, base_dir=loaded.base_dir)  # type: ignore[attr-defined]
-                         for d in spec.destinations]
+                dests = [
+                    registry.destinations[d.type](d, base_dir=loaded.base_dir)  # type: ignore[attr-defined]
+                    for d in spec.destinations
+                ]
                 channels[spec.config.name] = HL7Channel(spec, dests, writer)
             result, _ = await channels[spec.config.name].receive(row["raw"], replay_of=mid)
             detail = f" ({result.error})" if result.error else ""

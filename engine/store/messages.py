@@ -11,8 +11,18 @@ from sqlalchemy import Engine, select
 from engine.store.models import Message
 
 MESSAGES = Message.__table__  # type: ignore[attr-defined]
-LIST_COLUMNS = ("id", "channel", "control_id", "message_type", "status", "received_at", "patient_id",
-                "error", "flags", "replay_of")
+LIST_COLUMNS = (
+    "id",
+    "channel",
+    "control_id",
+    "message_type",
+    "status",
+    "received_at",
+    "patient_id",
+    "error",
+    "flags",
+    "replay_of",
+)
 
 
 @dataclass
@@ -31,8 +41,11 @@ def list_messages(engine: Engine, f: MessageFilter) -> list[dict[str, Any]]:
     cols = [MESSAGES.c[name] for name in LIST_COLUMNS]
     stmt = select(*cols).order_by(MESSAGES.c.id.desc()).limit(f.limit)
     conditions = {
-        "channel": f.channel, "status": f.status, "message_type": f.message_type,
-        "control_id": f.control_id, "patient_id": f.patient_id,
+        "channel": f.channel,
+        "status": f.status,
+        "message_type": f.message_type,
+        "control_id": f.control_id,
+        "patient_id": f.patient_id,
     }
     for name, value in conditions.items():
         if value:

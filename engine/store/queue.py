@@ -68,9 +68,8 @@ def claim(
             earlier.c.state.in_(live),
         )
     )
-    eligible = (
-        ((DELIVERIES.c.state == DeliveryState.PENDING) & (DELIVERIES.c.next_attempt_at <= now))
-        | ((DELIVERIES.c.state == DeliveryState.DOING) & (DELIVERIES.c.claimed_at < now - stall))
+    eligible = ((DELIVERIES.c.state == DeliveryState.PENDING) & (DELIVERIES.c.next_attempt_at <= now)) | (
+        (DELIVERIES.c.state == DeliveryState.DOING) & (DELIVERIES.c.claimed_at < now - stall)
     )
     candidates = (
         select(DELIVERIES.c.id)
@@ -167,9 +166,11 @@ def pending_count(engine: Engine, channel: str | None = None) -> int:
 
 def deliveries_for(engine: Engine, message_id: int) -> list[dict[str, Any]]:
     with engine.connect() as conn:
-        rows = conn.execute(
-            select(DELIVERIES).where(DELIVERIES.c.message_id == message_id).order_by(DELIVERIES.c.id)
-        ).mappings().all()
+        rows = (
+            conn.execute(select(DELIVERIES).where(DELIVERIES.c.message_id == message_id).order_by(DELIVERIES.c.id))
+            .mappings()
+            .all()
+        )
     return [dict(r) for r in rows]
 
 

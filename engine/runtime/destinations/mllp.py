@@ -49,8 +49,9 @@ class MLLPDestination(QueuedDestination):
         ssl = None
         if cfg.tls is not None:
             ssl = mllp.client_ssl_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
-        self.client = mllp.MLLPClient(cfg.host, cfg.port, ssl=ssl, connect_timeout=cfg.connect_timeout,
-                                      read_timeout=cfg.ack_timeout)
+        self.client = mllp.MLLPClient(
+            cfg.host, cfg.port, ssl=ssl, connect_timeout=cfg.connect_timeout, read_timeout=cfg.ack_timeout
+        )
 
     async def stop(self) -> None:
         if self.client is not None:
@@ -83,8 +84,9 @@ def judge_ack(control_id: str, reply: bytes) -> DeliveryOutcome:
         return DeliveryOutcome(ok=False, retry=True, response=text[:500], error="reply is not an HL7 ACK")
     code, acked = ack.get("MSA-1"), ack.get("MSA-2")
     if acked != control_id:
-        return DeliveryOutcome(ok=False, retry=True, response=text,
-                               error=f"ACK answers control id {acked!r}, not {control_id!r}")
+        return DeliveryOutcome(
+            ok=False, retry=True, response=text, error=f"ACK answers control id {acked!r}, not {control_id!r}"
+        )
     if code in ("AA", "CA"):
         return DeliveryOutcome(ok=True, response=text)
     reason = ack.get("ERR-8") or ack.get("ERR-3.2") or ack.get("MSA-3") or code

@@ -53,9 +53,15 @@ class MLLPSource:
         if cfg.tls is not None:
             ssl = mllp.server_ssl_context(cfg.tls.cert, cfg.tls.key, cfg.tls.ca, cfg.tls.require_client_cert)
         self.server = await mllp.start_server(
-            self.handler, cfg.host, cfg.port, ssl=ssl, max_frame=cfg.max_frame_bytes,
-            read_timeout=cfg.read_timeout, idle_timeout=cfg.idle_timeout,
-            max_connections=cfg.max_connections, keepalive=cfg.keepalive,
+            self.handler,
+            cfg.host,
+            cfg.port,
+            ssl=ssl,
+            max_frame=cfg.max_frame_bytes,
+            read_timeout=cfg.read_timeout,
+            idle_timeout=cfg.idle_timeout,
+            max_connections=cfg.max_connections,
+            keepalive=cfg.keepalive,
         )
 
     async def stop(self) -> None:
