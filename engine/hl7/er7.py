@@ -1,0 +1,726 @@
+"""A lazy view over one ER7 (pipe-delimited) HL7 v2 message.
+
+hl7apy builds a full object tree and manages ~100 messages/s; the hot path only ever reads a
+handful of fields. This view splits the text into segments once and splits a segment into fields
+the first time a path touches it; repetitions and components are split on each read (they are
+tiny). Paths are compiled once and cached. Groups (ORDER, OBSERVATION) are derived by walking
+ORC -> OBR -> OBX, which also keeps Z-segments that hl7apy would drop.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from engine.errors import DATA_TYPE_ERROR, SEGMENT_SEQUENCE_ERROR, TABLE_VALUE_NOT_FOUND, ProcessingError
+from engine.hl7.charsets import python_codec
+from engine.hl7.escape import escape, unescape
+
+__all__ = ["Encoding", "Group", "Message", "Path", "Segment", "compile_path", "resolve_charset"]
+
+ALL = 0  # a repetition index of [*]
+
+
+class Encoding:
+    """Delimiters from MSH-1 and MSH-2 (with the optional 5th, truncation, character)."""
+
+    __slots__ = ("field", "component", "repetition", "escape", "subcomponent", "truncation")
+
+    def __init__(
+        self,
+        field: str = "|",
+        component: str = "^",
+        repetition: str = "~",
+        escape: str = "\\",
+        subcomponent: str = "&",
+        truncation: str | None = None,
+    ) -> None:
+        self.field = field
+        self.component = component
+        self.repetition = repetition
+        self.escape = escape
+        self.subcomponent = subcomponent
+        self.truncation = truncation
+
+    @property
+    def msh2(self) -> str:
+        """The encoding characters as written in MSH-2."""
+        return self.component + self.repetition + self.escape + self.subcomponent + (self.truncation or "")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Encoding) and (self.field + self.msh2) == (other.field + other.msh2)
+
+    def __hash__(self) -> int:
+        return hash(self.field + self.msh2)
+
+    def __repr__(self) -> str:
+        return f"Encoding({self.field + self.msh2!r})"
+
+
+DEFAULT_ENCODING = Encoding()
+
+
+@lru_cache(maxsize=64)
+def _encoding(fs: str, msh2: str) -> Encoding:
+    """Validate MSH-1/MSH-2 once per distinct pair and share the Encoding."""
+    chars = fs + msh2
+    if len(msh2) not in (4, 5) or len(set(chars)) != len(chars):
+        raise ProcessingError(
+            "MSH-2 must hold 4 or 5 distinct encoding characters", DATA_TYPE_ERROR, "MSH-2", ack_code="AR"
+        )
+    if any(c.isalnum() or c in "\r\n " for c in chars):
+        raise ProcessingError("invalid delimiter in MSH-1/MSH-2", DATA_TYPE_ERROR, "MSH-2", ack_code="AR")
+    return Encoding(fs, msh2[0], msh2[1], msh2[2], msh2[3], msh2[4] if len(msh2) == 5 else None)
+
+
+# ---------------------------------------------------------------------------------------- paths
+
+_PATH_RE = re.compile(
+    r"^([A-Z][A-Z0-9]{2})(?:\[(\d+|\*)\])?"  # segment and its occurrence
+    r"(?:[-.](\d+)(?:\[(\d+|\*)\])?"  # field and its repetition
+    r"(?:\.(\d+)(?:\.(\d+))?)?)?$"  # component, subcomponent
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Path:
+    """A compiled path; None = not given (first), ALL (0) = [*]."""
+
+    segment: str
+    seg_rep: int | None
+    field: int | None
+    rep: int | None
+    component: int | None
+    subcomponent: int | None
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _index(s: str | None, what: str, path: str) -> int | None:
+    if s is None:
+        return None
+    if s == "*":
+        return ALL
+    n = int(s)
+    if n < 1:
+        raise ValueError(f"invalid HL7 path {path!r}: {what} index is 1-based, got {n}")
+    return n
+
+
+@lru_cache(maxsize=4096)
+def compile_path(path: str) -> Path:
+    """Parse 'SEG[n]-FIELD[r].COMP.SUB' once; ValueError says what is wrong."""
+    if not isinstance(path, str):
+        raise ValueError(f"HL7 path must be a string, got {type(path).__name__}")
+    m = _PATH_RE.match(path.strip().upper())
+    if not m:
+        raise ValueError(
+            f"invalid HL7 path {path!r}: expected SEG[n]-FIELD[rep].COMPONENT.SUBCOMPONENT, e.g. 'PID-3[2].4.1'"
+        )
+    seg, srep, fld, frep, comp, sub = m.groups()
+    f = _index(fld, "field", path)
+    if f == ALL:  # pragma: no cover - the regex admits digits only
+        raise ValueError(f"invalid HL7 path {path!r}")
+    return Path(
+        seg,
+        _index(srep, "segment", path),
+        f,
+        _index(frep, "repetition", path),
+        _index(comp, "component", path),
+        _index(sub, "subcomponent", path),
+        path,
+    )
+
+
+def _compile(path: str | Path) -> Path:
+    return path if isinstance(path, Path) else compile_path(path)
+
+
+# ------------------------------------------------------------------------------ value extraction
+
+
+def _pick(value: str, sep: str, idx: int) -> str:
+    if sep not in value:
+        return value if idx == 1 else ""
+    parts = value.split(sep)
+    return parts[idx - 1] if idx <= len(parts) else ""
+
+
+def _reps(value: str, p: Path, enc: Encoding) -> list[str]:
+    """The repetitions a path selects in one raw field."""
+    if p.rep == ALL:
+        return value.split(enc.repetition) if value else []
+    return [_pick(value, enc.repetition, p.rep or 1)]
+
+
+def _narrow(value: str, p: Path, enc: Encoding, charset: str) -> str:
+    """Component/subcomponent of one repetition; decoded unless it still holds delimiters."""
+    if p.component is not None:
+        value = _pick(value, enc.component, p.component)
+        if p.subcomponent is not None:
+            value = _pick(value, enc.subcomponent, p.subcomponent)
+        elif enc.subcomponent in value:
+            return value
+    elif enc.component in value or enc.subcomponent in value:
+        return value
+    if enc.escape in value:
+        return unescape(value, enc, charset)
+    return value
+
+
+# ---------------------------------------------------------------------------------- segments
+
+
+class Segment:
+    """One segment; `fields[n]` is SEG-n as raw ER7 (fields[0] is the name; MSH-1 is the separator)."""
+
+    __slots__ = ("name", "_raw", "_fields", "_fs")
+
+    def __init__(self, raw: str, fs: str) -> None:
+        self.name = raw[:3]
+        self._raw = raw
+        self._fields: list[str] | None = None
+        self._fs = fs
+
+    @property
+    def fields(self) -> list[str]:
+        f = self._fields
+        if f is None:
+            f = self._fields = _split_fields(self._raw, self._fs)
+        return f
+
+    @property
+    def raw(self) -> str:
+        return self._raw
+
+    def __repr__(self) -> str:
+        return f"Segment({self.name})"
+
+
+def _split_fields(raw: str, fs: str) -> list[str]:
+    f = raw.split(fs)
+    if f[0] == "MSH":
+        f.insert(1, fs)
+    return f
+
+
+def _join_fields(fields: list[str], fs: str) -> str:
+    if fields[0] == "MSH":
+        return "MSH" + fs + fs.join(fields[2:])
+    return fs.join(fields)
+
+
+def _put(parts: list[str], idx: int, value: str) -> None:
+    """Set parts[idx-1], extending with empties; trailing empties we created are not kept."""
+    if idx > len(parts):
+        if value == "":
+            return
+        parts.extend([""] * (idx - len(parts)))
+    parts[idx - 1] = value
+
+
+# ------------------------------------------------------------------------------------ charsets
+
+
+def resolve_charset(name: str) -> str:
+    """Python codec for an HL7/Python charset name; ProcessingError (103 at MSH-18) when unknown."""
+    codec = python_codec(name)
+    if codec is None:
+        raise ProcessingError(f"unknown character set {name[:40]!r}", TABLE_VALUE_NOT_FOUND, "MSH-18")
+    return codec
+
+
+def _msh18_from_bytes(data: bytes) -> str:
+    """Read MSH-18 (first repetition) from raw bytes before decoding: delimiters are ASCII."""
+    end = len(data)
+    for t in (b"\r", b"\n"):
+        i = data.find(t, 0, end)
+        if i >= 0:
+            end = i
+    head = data[:end]
+    if not head.startswith(b"MSH") or len(head) < 8:
+        return ""
+    fs = head[3:4]
+    parts = head.split(fs)
+    if len(parts) < 18:
+        return ""
+    value = parts[17]
+    rs = parts[1][1:2]
+    if rs:
+        value = value.split(rs)[0]
+    return value.decode("ascii", "replace").strip()
+
+
+_LEAD = "\ufeff\x0b \t\r\n"
+
+
+def _decode(data: bytes, charset: str | None) -> tuple[str, str]:
+    """Bytes -> (text, python codec used)."""
+    if data[:3] == b"\xef\xbb\xbf":
+        data = data[3:]
+        if charset is None:
+            charset = "utf-8"
+    if charset is None:
+        if b"\x1b" not in data:
+            try:  # pure ASCII reads the same in every charset we accept: skip the MSH-18 scan
+                return data.decode("ascii"), "ascii"
+            except UnicodeDecodeError:
+                pass
+        stripped = data.lstrip(b"\x0b \t\r\n")
+        declared = _msh18_from_bytes(stripped)
+        codec = resolve_charset(declared) if declared else "utf-8"
+        where = f"MSH-18 {declared!r}" if declared else "default UTF-8 (MSH-18 empty)"
+    else:
+        codec = resolve_charset(charset)
+        where = f"channel charset {charset!r}"
+    try:
+        return data.decode(codec), codec
+    except UnicodeDecodeError as e:
+        raise ProcessingError(
+            f"bytes at offset {e.start} are not valid {codec} ({where})", DATA_TYPE_ERROR, "MSH-18", ack_code="AE"
+        ) from None
+
+
+# ------------------------------------------------------------------------------------- views
+
+
+_GROUP_CLOSERS = frozenset({"MSH", "PID", "PD1", "PV1", "PV2", "MRG", "EVN", "NK1", "GT1", "IN1", "IN2", "IN3"})
+
+
+def _read(msg: Message, i: int, p: Path) -> str:
+    """The first value path p selects in segment i of msg."""
+    fields = msg._split[i]
+    if fields is None:
+        fields = msg._split[i] = _split_fields(msg._raw[i], msg.encoding.field)
+    f = p.field
+    if f is None or f >= len(fields):
+        return ""
+    value = fields[f]
+    if f <= 2 and p.segment == "MSH":
+        return value
+    enc = msg.encoding
+    rs = enc.repetition
+    if rs in value:
+        value = value.split(rs)[0] if p.rep == ALL else _pick(value, rs, p.rep or 1)
+    elif p.rep is not None and p.rep > 1:
+        return ""
+    c = p.component
+    if c is not None:
+        cs = enc.component
+        if cs in value:
+            parts = value.split(cs)
+            value = parts[c - 1] if c <= len(parts) else ""
+        elif c > 1:
+            return ""
+        if p.subcomponent is not None:
+            value = _pick(value, enc.subcomponent, p.subcomponent)
+        elif enc.subcomponent in value:
+            return value
+    elif enc.component in value or enc.subcomponent in value:
+        return value
+    if enc.escape in value:
+        return unescape(value, enc, msg.codec)
+    return value
+
+
+class _View:
+    """What Message and Group share: path access over a list of segment indexes."""
+
+    __slots__ = ()
+    _msg: Message
+
+    def _indexes(self, name: str) -> list[int]:
+        raise NotImplementedError
+
+    def _all_indexes(self) -> list[int]:
+        raise NotImplementedError
+
+    def _select(self, p: Path) -> list[int]:
+        idx = self._indexes(p.segment)
+        if p.seg_rep is None or p.seg_rep == ALL:
+            return idx
+        return [idx[p.seg_rep - 1]] if p.seg_rep <= len(idx) else []
+
+    def _nth(self, name: str, n: int) -> int:
+        """Index of the n-th (1-based) segment called name, -1 if there is none."""
+        idx = self._indexes(name)
+        return idx[n - 1] if n <= len(idx) else -1
+
+    def get(self, path: str | Path) -> str:
+        """First match, escapes decoded; '' if absent. Composite values come back as raw ER7."""
+        p = path if path.__class__ is Path else compile_path(path)  # type: ignore[arg-type]
+        sr = p.seg_rep
+        i = self._nth(p.segment, sr if sr else 1)
+        if i < 0 or p.field is None:
+            return ""
+        return _read(self._msg, i, p)
+
+    def get_all(self, path: str | Path) -> list[str]:
+        """Every match: one per selected segment and repetition ([*] gives each non-empty field's repetitions)."""
+        p = _compile(path)
+        msg = self._msg
+        if p.field is None:
+            return []
+        enc = msg.encoding
+        out: list[str] = []
+        for i in self._select(p):
+            fields = msg._fields(i)
+            value = fields[p.field] if p.field < len(fields) else ""
+            if p.field <= 2 and p.segment == "MSH":
+                out.append(value)
+                continue
+            for rep in _reps(value, p, enc):
+                out.append(_narrow(rep, p, enc, msg.codec))
+        return out
+
+    def components(self, path: str | Path) -> list[str]:
+        """Decoded components of the field (or subcomponents of the component) the path names."""
+        p = _compile(path)
+        enc = self._msg.encoding
+        if p.subcomponent is not None:
+            return [self.get(p)]
+        if p.component is not None:
+            raw = self.get(Path(p.segment, p.seg_rep, p.field, p.rep, p.component, None, p.text))
+            sep = enc.subcomponent
+        else:
+            raw = self.get(p)
+            sep = enc.component
+        if raw == "":
+            return []
+        parts = raw.split(sep)
+        codec = self._msg.codec
+        return [unescape(x, enc, codec) if enc.escape in x else x for x in parts]
+
+    def segments(self, name: str | None = None) -> list[Segment]:
+        """Segments of this view, all or those named `name`."""
+        idx = self._all_indexes() if name is None else self._indexes(name)
+        return [self._msg._segment(i) for i in idx]
+
+    def groups(self, kind: str) -> list[Group]:
+        """ORDER groups (ORC/OBR and what follows) or OBSERVATION groups (OBX + NTE) inside this view."""
+        kind = kind.upper()
+        msg = self._msg
+        names = msg._names()
+        out: list[Group] = []
+        cur: list[int] | None = None
+        if kind == "ORDER":
+            has_obr = False
+            started_by_orc = False
+            for i in self._all_indexes():
+                n = names[i]
+                if n == "ORC" or (n == "OBR" and (cur is None or has_obr or not started_by_orc)):
+                    cur = [i]
+                    out.append(Group(msg, "ORDER", cur, self))
+                    started_by_orc = n == "ORC"
+                    has_obr = n == "OBR"
+                elif n in _GROUP_CLOSERS:
+                    cur = None
+                elif cur is not None:
+                    cur.append(i)
+                    if n == "OBR":
+                        has_obr = True
+        elif kind == "OBSERVATION":
+            for i in self._all_indexes():
+                n = names[i]
+                if n == "OBX":
+                    cur = [i]
+                    out.append(Group(msg, "OBSERVATION", cur, self))
+                elif n == "NTE" and cur is not None:
+                    cur.append(i)
+                else:
+                    cur = None
+        else:
+            raise ValueError(f"unknown group kind {kind!r}: use 'ORDER' or 'OBSERVATION'")
+        return out
+
+    def set(self, path: str | Path, value: str, *, raw: bool = False) -> None:
+        """Write a value (escaped unless raw=True); missing segments/fields/components are created."""
+        p = _compile(path)
+        msg = self._msg
+        if p.field is None:
+            raise ValueError(f"cannot set {p.text!r}: a field number is needed")
+        if ALL in (p.seg_rep, p.rep):
+            raise ValueError(f"cannot set {p.text!r}: [*] selects many values")
+        if p.segment == "MSH" and p.field <= 2:
+            raise ValueError("MSH-1 and MSH-2 (the delimiters) cannot be set")
+        enc = msg.encoding
+        text = value if raw else escape(value, enc)
+        idx = self._indexes(p.segment)
+        want = p.seg_rep or 1
+        if want <= len(idx):
+            i = idx[want - 1]
+        elif want == len(idx) + 1:
+            i = self._append_segment(p.segment)
+        else:
+            raise ValueError(f"cannot set {p.text!r}: only {len(idx)} {p.segment} segment(s)")
+        fields = list(msg._fields(i))
+        old = fields[p.field] if p.field < len(fields) else ""
+        reps = old.split(enc.repetition) if old else [""]
+        rep_i = p.rep or 1
+        cur = reps[rep_i - 1] if rep_i <= len(reps) else ""
+        if p.component is None:
+            cur = text
+        else:
+            comps = cur.split(enc.component)
+            if p.subcomponent is None:
+                _put(comps, p.component, text)
+            else:
+                comp = comps[p.component - 1] if p.component <= len(comps) else ""
+                subs = comp.split(enc.subcomponent)
+                _put(subs, p.subcomponent, text)
+                _put(comps, p.component, enc.subcomponent.join(subs))
+            cur = enc.component.join(comps)
+        _put(reps, rep_i, cur)
+        _put(fields, p.field + 1, enc.repetition.join(reps))  # fields[n] is SEG-n
+        msg._replace(i, fields)
+
+    def _append_segment(self, name: str) -> int:
+        return self._msg._append(name)
+
+
+class Group(_View):
+    """A run of segments (ORDER or OBSERVATION); lookups of segments it lacks fall back to its parent."""
+
+    __slots__ = ("_msg", "kind", "_idx", "_parent")
+
+    def __init__(self, msg: Message, kind: str, indexes: list[int], parent: _View) -> None:
+        self._msg = msg
+        self.kind = kind
+        self._idx = indexes
+        self._parent = parent
+
+    def _all_indexes(self) -> list[int]:
+        return self._idx
+
+    def _indexes(self, name: str) -> list[int]:
+        names = self._msg._names()
+        own = [i for i in self._idx if names[i] == name]
+        return own if own else self._parent._indexes(name)
+
+    def _append_segment(self, name: str) -> int:
+        raise ValueError(f"cannot create a {name} segment inside a group; set it on the message")
+
+    def __repr__(self) -> str:
+        names = self._msg._names()
+        return f"Group({self.kind}: {' '.join(names[i] for i in self._idx)})"
+
+
+class Message(_View):
+    """Lazy view of one ER7 message. Build with Message.parse(bytes | str, charset=None)."""
+
+    __slots__ = ("_msg", "_raw", "_segs", "_split", "_nm", "encoding", "codec", "_text")
+
+    def __init__(self, segments: list[str], encoding: Encoding, codec: str = "utf-8", text: str | None = None) -> None:
+        self._msg = self
+        self._raw = segments
+        self._split: list[list[str] | None] = [None] * len(segments)
+        self._nm: list[str] | None = None
+        self._segs: list[Segment | None] | None = None
+        self.encoding = encoding
+        self.codec = codec  # the Python codec the bytes were decoded with
+        self._text = text
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def parse(cls, data: bytes | str | bytearray | memoryview, charset: str | None = None) -> Message:
+        """Parse ER7; CR, LF or CRLF terminators; bytes decoded with `charset`, else MSH-18."""
+        if data.__class__ is str:
+            text = data  # type: ignore[assignment]
+            codec = resolve_charset(charset) if charset else "utf-8"
+        elif charset is None and data.__class__ is bytes and b"\x1b" not in data:  # type: ignore[operator]
+            try:  # pure ASCII reads the same in every charset we accept: skip the MSH-18 scan
+                text, codec = data.decode("ascii"), "ascii"  # type: ignore[union-attr]
+            except UnicodeDecodeError:
+                text, codec = _decode(data, charset)  # type: ignore[arg-type]
+        else:
+            text, codec = _decode(bytes(data), charset)  # type: ignore[arg-type]
+        if text[:3] != "MSH":
+            text = text.lstrip(_LEAD)
+            if text[:3] != "MSH":
+                raise ProcessingError(
+                    "message does not start with an MSH segment", SEGMENT_SEQUENCE_ERROR, "MSH", ack_code="AR"
+                )
+        if "\n" in text:
+            text = text.replace("\r\n", "\r").replace("\n", "\r")
+        segs = text.split("\r")
+        keep = segs[-1] == ""  # the text is already in to_er7() form unless proven otherwise
+        if keep:
+            segs.pop()
+        if "" in segs:
+            segs = [s for s in segs if s]
+            keep = False
+        head = segs[0]
+        if len(head) < 8:
+            raise ProcessingError(
+                "MSH segment too short to hold its delimiters", DATA_TYPE_ERROR, "MSH-2", ack_code="AR"
+            )
+        fs = head[3]
+        end = head.find(fs, 4)
+        enc = _encoding(fs, head[4:] if end < 0 else head[4:end])
+        return cls(segs, enc, codec, text if keep else None)
+
+    # -- internals used by views --------------------------------------------------------------
+    def _names(self) -> list[str]:
+        nm = self._nm
+        if nm is None:
+            nm = self._nm = [s[:3] for s in self._raw]
+        return nm
+
+    def _fields(self, i: int) -> list[str]:
+        f = self._split[i]
+        if f is None:
+            f = self._split[i] = _split_fields(self._raw[i], self.encoding.field)
+        return f
+
+    def _indexes(self, name: str) -> list[int]:
+        nm = self._names()
+        if name not in nm:
+            return []
+        return [i for i, n in enumerate(nm) if n == name]
+
+    def _all_indexes(self) -> list[int]:
+        return list(range(len(self._raw)))
+
+    def get(self, path: str | Path) -> str:
+        """First match, escapes decoded; '' if absent. Composite values come back as raw ER7."""
+        p = path if path.__class__ is Path else compile_path(path)  # type: ignore[arg-type]
+        nm = self._nm
+        if nm is None:
+            nm = self._nm = [s[:3] for s in self._raw]
+        name = p.segment
+        if name not in nm:
+            return ""
+        sr = p.seg_rep
+        i = nm.index(name) if not sr or sr == 1 else self._nth(name, sr)
+        if i < 0:
+            return ""
+        return _read(self, i, p)
+
+    def _nth(self, name: str, n: int) -> int:
+        nm = self._nm
+        if nm is None:
+            nm = self._nm = [s[:3] for s in self._raw]
+        if name not in nm:
+            return -1
+        i = nm.index(name)
+        while n > 1:
+            if name not in nm[i + 1 :]:
+                return -1
+            i = nm.index(name, i + 1)
+            n -= 1
+        return i
+
+    def _segment(self, i: int) -> Segment:
+        if self._segs is None:
+            self._segs = [None] * len(self._raw)
+        s = self._segs[i]
+        if s is None:
+            s = self._segs[i] = Segment(self._raw[i], self.encoding.field)
+            s._fields = self._split[i]
+        return s
+
+    def _replace(self, i: int, fields: list[str]) -> None:
+        self._raw[i] = _join_fields(fields, self.encoding.field)
+        self._split[i] = fields
+        if self._segs is not None and self._segs[i] is not None:
+            seg = self._segs[i]
+            assert seg is not None
+            seg._raw = self._raw[i]
+            seg._fields = fields
+        self._text = None
+
+    def _append(self, name: str) -> int:
+        self._raw.append(name)
+        self._split.append(None)
+        if self._segs is not None:
+            self._segs.append(None)
+        if self._nm is not None:
+            self._nm.append(name)
+        self._text = None
+        return len(self._raw) - 1
+
+    # -- output ------------------------------------------------------------------------------
+    def to_er7(self) -> str:
+        """The message as ER7, each segment terminated by CR."""
+        t = self._text
+        if t is None:
+            t = self._text = "\r".join(self._raw) + "\r"
+        return t
+
+    @property
+    def text(self) -> str:
+        return self.to_er7()
+
+    def encode(self, charset: str | None = None) -> bytes:
+        """ER7 bytes in `charset` (default: the codec the message was read with)."""
+        return self.to_er7().encode(resolve_charset(charset) if charset else self.codec)
+
+    # -- header shortcuts ----------------------------------------------------------------------
+    def _msh(self, f: int) -> str:
+        fields = self._fields(0)
+        return fields[f] if f < len(fields) else ""
+
+    def _msh_first(self, f: int, c: int = 1) -> str:
+        return self.get(compile_path(f"MSH-{f}.{c}"))
+
+    @property
+    def message_type(self) -> str:
+        code, trig = self._msh_first(9), self._msh_first(9, 2)
+        return f"{code}^{trig}" if trig else code
+
+    @property
+    def trigger(self) -> str:
+        return self._msh_first(9, 2)
+
+    @property
+    def structure(self) -> str:
+        return self._msh_first(9, 3)
+
+    @property
+    def control_id(self) -> str:
+        return self.get(compile_path("MSH-10"))
+
+    @property
+    def version(self) -> str:
+        return self._msh_first(12)
+
+    @property
+    def processing_id(self) -> str:
+        return self._msh(11)
+
+    @property
+    def sending_application(self) -> str:
+        return self._msh(3)
+
+    @property
+    def sending_facility(self) -> str:
+        return self._msh(4)
+
+    @property
+    def receiving_application(self) -> str:
+        return self._msh(5)
+
+    @property
+    def receiving_facility(self) -> str:
+        return self._msh(6)
+
+    @property
+    def accept_ack_type(self) -> str:
+        return self.get(compile_path("MSH-15"))
+
+    @property
+    def application_ack_type(self) -> str:
+        return self.get(compile_path("MSH-16"))
+
+    @property
+    def charset(self) -> str:
+        return self.get(compile_path("MSH-18"))
+
+    def __repr__(self) -> str:
+        try:
+            return f"<Message {self.message_type} {self.control_id!r}>"
+        except Exception:  # noqa: BLE001 - repr must never fail
+            return "<Message ?>"
