@@ -47,6 +47,10 @@ class Settings:
     empty_groups: str = "error"  # for_each found no group: error (100) or skip
 
 
+_FALSY_EMPTY = frozenset({str, list, tuple, dict, type(None)})  # 0 and False are values, not empty
+_CONTAINERS = frozenset({list, tuple, dict})
+
+
 def is_empty(v: Any) -> bool:
     if v.__class__ is str:
         return not v
@@ -57,6 +61,43 @@ def is_empty(v: Any) -> bool:
     if isinstance(v, dict):
         return all(is_empty(x) for x in v.values())
     return False
+
+
+# Segments that belong to the message, never to an ORDER/OBSERVATION group: read them from the
+# message directly (the group would only fall back to it, slower).
+MESSAGE_LEVEL = frozenset(
+    {"MSH", "EVN", "PID", "PD1", "PV1", "PV2", "MRG", "NK1", "GT1", "IN1", "IN2", "IN3", "AL1", "DG1"}
+)
+
+
+class Scope:
+    """The message (or one group of it) being mapped, as the compiled rules see it.
+
+    It offers the view's reading API to formats and conditions, and lets compiled paths skip
+    segments the message does not have with one substring test instead of a lookup.
+    """
+
+    __slots__ = ("view", "msg", "text")
+
+    def __init__(self, view: Any, msg: Any) -> None:
+        self.view = view
+        self.msg = msg
+        self.text = "\r" + msg.text
+
+    def get(self, path: Any) -> str:
+        return self.view.get(path)
+
+    def get_all(self, path: Any) -> list[str]:
+        return self.view.get_all(path)
+
+    def components(self, path: Any) -> list[str]:
+        return self.view.components(path)
+
+    def segments(self, name: str | None = None) -> list[Any]:
+        return self.view.segments(name)
+
+    def groups(self, kind: str) -> list[Any]:
+        return self.view.groups(kind)
 
 
 def location_for(path_texts: list[str], scope: Any) -> str:
@@ -96,10 +137,6 @@ class RuleContext:
 
     def option_location(self, name: str, scope: Any) -> str:
         return location_for([t for t, _ in self.options.get(name, ())], scope)
-
-    def first_subcomponent(self, text: str) -> str:
-        # components() leaves subcomponent separators in place; the first one is the surname
-        return text.split("&", 1)[0] if "&" in text else text
 
 
 @dataclass
@@ -171,20 +208,28 @@ def _compile_object(node: dict, keypath: str, ctx: CompileContext, *, dicom: boo
     keep_empty = ctx.settings.keep_empty
     items_t = tuple(items)
 
-    def build(scope: Any) -> dict[str, Any]:
+    if keep_empty:
+
+        def build(scope: Any) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for key, ev in items_t:
+                v = ev(scope)
+                if v is not OMIT:
+                    out[key] = "" if v is None else v
+            return out
+
+        return build
+
+    def build_pruned(scope: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, ev in items_t:
             v = ev(scope)
-            if v is OMIT:
+            if v is OMIT or (not v and v.__class__ in _FALSY_EMPTY) or (v.__class__ in _CONTAINERS and is_empty(v)):
                 continue
-            if v is None or (not keep_empty and is_empty(v)):
-                if not keep_empty:
-                    continue
-                v = ""
             out[key] = v
         return out
 
-    return build
+    return build_pruned
 
 
 def _compile_target(
@@ -433,6 +478,8 @@ def _compile_from(
         return None, texts
     if len(getters) == 1:
         return getters[0], texts
+    if not components and not any(hp.is_list(t) for t in texts):
+        return _first_text(texts), texts
     getters_t = tuple(getters)
 
     def first(scope: Any) -> Any:
@@ -446,24 +493,66 @@ def _compile_from(
     return first, texts
 
 
+def _first_text(texts: list[str]) -> Evaluator:
+    """First non-empty of several plain paths, in one closure (the hot case)."""
+    specs = tuple(_path_spec(t) for t in texts)
+
+    def first(scope: Scope) -> str:
+        text = scope.text
+        for marker, top, path in specs:
+            if marker and marker not in text:
+                continue
+            v = (scope.msg if top else scope.view).get(path)
+            if v:
+                return v
+        return ""
+
+    return first
+
+
+def _path_spec(text: str) -> tuple[str, bool, Any]:
+    seg = hp.segment_of(text)
+    return ("" if seg == "MSH" else "\r" + seg), seg in MESSAGE_LEVEL, hp.compile_path(text)
+
+
 def _getter(text: str, path: Any, many: bool, components: bool) -> Evaluator:
+    seg = hp.segment_of(text)
+    marker = "" if seg == "MSH" else "\r" + seg  # MSH is always there
+    top = seg in MESSAGE_LEVEL
     if not components:
         if many:
-            return lambda scope: scope.get_all(path)
-        return lambda scope: scope.get(path)
+
+            def get_all(scope: Scope) -> Any:
+                if marker and marker not in scope.text:
+                    return []
+                return (scope.msg if top else scope.view).get_all(path)
+
+            return get_all
+
+        def get(scope: Scope) -> Any:
+            if marker and marker not in scope.text:
+                return ""
+            return (scope.msg if top else scope.view).get(path)
+
+        return get
     if not many:
 
-        def comps(scope: Any) -> Any:
-            c = scope.components(path)
+        def comps(scope: Scope) -> Any:
+            if marker and marker not in scope.text:
+                return ""
+            c = (scope.msg if top else scope.view).components(path)
             return tuple(c) if any(c) else ""  # a tuple: one value's parts (a list is repetitions)
 
         return comps
 
-    def comps_each(scope: Any) -> Any:
-        n = len(scope.get_all(path))
+    def comps_each(scope: Scope) -> Any:
+        if marker and marker not in scope.text:
+            return []
+        view = scope.msg if top else scope.view
+        n = len(view.get_all(path))
         out = []
         for i in range(1, n + 1):
-            c = scope.components(hp.compile_path(hp.repetition_path(text, i)))
+            c = view.components(hp.compile_path(hp.repetition_path(text, i)))
             out.append(tuple(c) if any(c) else "")
         return out
 
@@ -530,9 +619,12 @@ def _build_rule(
         return get  # the common case: a plain copy
 
     funcs = tuple(f.func for f in formats)
+    single = funcs[0] if len(funcs) == 1 else None
 
     def fmt(v: Any, scope: Any) -> Any:
         try:
+            if single is not None and v.__class__ is not list:
+                return single(v, rc, scope)
             for func in funcs:
                 if isinstance(v, list):
                     v = [func(x, rc, scope) for x in v]
@@ -545,6 +637,7 @@ def _build_rule(
         return v
 
     lookups = tuple(_lookup(rc, t, on_missing or ("default" if t.has_default else "error")) for t in tables)
+    fallback = default is not None or required
 
     def rule(scope: Any) -> Any:
         if when is not None and not when(scope):
@@ -553,15 +646,16 @@ def _build_rule(
         if funcs:
             v = fmt(v, scope)
         for lookup in lookups:
-            if is_empty(v):
+            if (not v and v.__class__ in _FALSY_EMPTY) or (v.__class__ in _CONTAINERS and is_empty(v)):
                 break
-            v = [lookup(x, scope) for x in v] if isinstance(v, list) else lookup(v, scope)
-        if default is not None and is_empty(v):
-            v = default(scope)
-            if v is OMIT:
-                v = ""
-        if required and is_empty(v):
-            rc.fail(REQUIRED_FIELD_MISSING, "required field missing", location=location_for(rc.paths, scope))
+            v = [lookup(x, scope) for x in v] if v.__class__ is list else lookup(v, scope)
+        if fallback and ((not v and v.__class__ in _FALSY_EMPTY) or (v.__class__ in _CONTAINERS and is_empty(v))):
+            if default is not None:
+                v = default(scope)
+                if v is OMIT:
+                    v = ""
+            if required and ((not v and v.__class__ in _FALSY_EMPTY) or (v.__class__ in _CONTAINERS and is_empty(v))):
+                rc.fail(REQUIRED_FIELD_MISSING, "required field missing", location=location_for(rc.paths, scope))
         return v
 
     return rule

@@ -15,7 +15,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone, tzinfo
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -132,65 +132,24 @@ def parse_dtm(text: str) -> Dtm | None:
     return Dtm(dt, precision >= 3, precision >= 4, precision >= 6, frac, precision)
 
 
-def _dtm(value: str, rule: RuleContext) -> Dtm:
-    d = parse_dtm(value.strip())
-    if d is None:
-        rule.fail(DATA_TYPE_ERROR, "not a valid HL7 date/time (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ])")
-    assert d is not None
-    return d
+class _Invalid(ValueError):
+    """A value that does not convert; the format turns it into a 102 for its rule."""
 
 
-def _local(d: Dtm, rule: RuleContext) -> datetime:
+_DTM_HELP = "not a valid HL7 date/time (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ])"
+
+
+def _local(d: Dtm, tz: tzinfo | None) -> datetime:
     """The value as wall-clock time where the institution is (settings.timezone)."""
-    tz = rule.settings.tzinfo
     if d.dt.tzinfo is not None and tz is not None and d.has_time:
         return d.dt.astimezone(tz)
     return d.dt
 
 
-@FORMATS.register("dtm_to_da")
-def dtm_to_da(value: Any, rule: RuleContext, scope: Any) -> Any:
-    """HL7 DTM -> DICOM DA (YYYYMMDD), in settings.timezone when the value has an offset."""
-    if not value:
-        return ""
-    d = _dtm(value, rule)
-    if not d.has_date:
-        rule.fail(DATA_TYPE_ERROR, "date has no day; DICOM DA needs YYYYMMDD")
-    return _local(d, rule).strftime("%Y%m%d")
-
-
-@FORMATS.register("dtm_to_tm")
-def dtm_to_tm(value: Any, rule: RuleContext, scope: Any) -> Any:
-    """HL7 DTM -> DICOM TM (HHMMSS[.FFFFFF]); "" when the value has no time."""
-    if not value:
-        return ""
-    d = _dtm(value, rule)
-    if not d.has_time:
-        return ""
-    local = _local(d, rule)
-    return local.strftime("%H%M%S") + (f".{d.fraction}" if d.fraction else "")
-
-
-@FORMATS.register("dtm_to_dt")
-def dtm_to_dt(value: Any, rule: RuleContext, scope: Any) -> Any:
-    """HL7 DTM -> DICOM DT (YYYYMMDDHHMMSS[.F]&ZZXX); offset from the value, else settings.timezone."""
-    if not value:
-        return ""
-    d = _dtm(value, rule)
-    digits = value.strip()[: (4, 6, 8, 10, 12, 14)[d.precision - 1]]
-    if d.fraction:
-        digits += "." + d.fraction
-    if not d.has_time:
-        return digits
-    offset = _offset(d, rule)
-    return digits + (offset.replace(":", "") if offset else "")
-
-
-def _offset(d: Dtm, rule: RuleContext) -> str:
+def _offset(d: Dtm, tz: tzinfo | None) -> str:
     """+hh:mm of the value: its own offset, else that of settings.timezone on that day."""
     dt = d.dt
     if dt.tzinfo is None:
-        tz = rule.settings.tzinfo
         if tz is None:
             return ""
         dt = dt.replace(tzinfo=tz)
@@ -200,12 +159,27 @@ def _offset(d: Dtm, rule: RuleContext) -> str:
     return f"{sign}{minutes // 60:02d}:{minutes % 60:02d}"
 
 
-@FORMATS.register("dtm_to_fhir", needs_settings=("timezone",))
-def dtm_to_fhir(value: Any, rule: RuleContext, scope: Any) -> Any:
-    """HL7 DTM -> FHIR date/dateTime, keeping the precision sent; a time always gets an offset."""
-    if not value:
-        return ""
-    d = _dtm(value, rule)
+@lru_cache(maxsize=8192)
+def convert_dtm(kind: str, text: str, tz: tzinfo | None) -> str:
+    """HL7 DTM -> "da" | "tm" | "dt" | "fhir" (pure, cached); raises _Invalid."""
+    d = parse_dtm(text.strip())
+    if d is None:
+        raise _Invalid(_DTM_HELP)
+    if kind == "da":
+        if not d.has_date:
+            raise _Invalid("date has no day; DICOM DA needs YYYYMMDD")
+        return _local(d, tz).strftime("%Y%m%d")
+    if kind == "tm":
+        if not d.has_time:
+            return ""
+        return _local(d, tz).strftime("%H%M%S") + (f".{d.fraction}" if d.fraction else "")
+    if kind == "dt":
+        digits = text.strip()[: (4, 6, 8, 10, 12, 14)[d.precision - 1]]
+        if d.fraction:
+            digits += "." + d.fraction
+        if not d.has_time:
+            return digits
+        return digits + _offset(d, tz).replace(":", "")
     dt = d.dt
     if d.precision == 1:
         return f"{dt.year:04d}"
@@ -213,10 +187,43 @@ def dtm_to_fhir(value: Any, rule: RuleContext, scope: Any) -> Any:
         return f"{dt.year:04d}-{dt.month:02d}"
     if not d.has_time:
         return f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}"
-    text = dt.strftime("%Y-%m-%dT%H:%M:%S")
+    out = dt.strftime("%Y-%m-%dT%H:%M:%S")
     if d.fraction:
-        text += "." + d.fraction
-    return text + _offset(d, rule).replace("+00:00", "Z")
+        out += "." + d.fraction
+    return out + _offset(d, tz).replace("+00:00", "Z")
+
+
+def _date(kind: str, value: Any, rule: RuleContext) -> str:
+    if not value:
+        return ""
+    try:
+        return convert_dtm(kind, value, rule.settings.tzinfo)
+    except _Invalid as exc:
+        rule.fail(DATA_TYPE_ERROR, str(exc))
+
+
+@FORMATS.register("dtm_to_da")
+def dtm_to_da(value: Any, rule: RuleContext, scope: Any) -> Any:
+    """HL7 DTM -> DICOM DA (YYYYMMDD), in settings.timezone when the value has an offset."""
+    return _date("da", value, rule)
+
+
+@FORMATS.register("dtm_to_tm")
+def dtm_to_tm(value: Any, rule: RuleContext, scope: Any) -> Any:
+    """HL7 DTM -> DICOM TM (HHMMSS[.FFFF]) in settings.timezone; "" when the value has no time."""
+    return _date("tm", value, rule)
+
+
+@FORMATS.register("dtm_to_dt")
+def dtm_to_dt(value: Any, rule: RuleContext, scope: Any) -> Any:
+    """HL7 DTM -> DICOM DT (YYYYMMDDHHMMSS[.F]&ZZXX); offset from the value, else settings.timezone."""
+    return _date("dt", value, rule)
+
+
+@FORMATS.register("dtm_to_fhir", needs_settings=("timezone",))
+def dtm_to_fhir(value: Any, rule: RuleContext, scope: Any) -> Any:
+    """HL7 DTM -> FHIR date/dateTime, keeping the precision sent; a time always gets an offset."""
+    return _date("fhir", value, rule)
 
 
 # ---------------------------------------------------------------- names
@@ -224,38 +231,37 @@ def dtm_to_fhir(value: Any, rule: RuleContext, scope: Any) -> Any:
 
 def _name_part(text: str) -> str:
     # a decoded ^ or = inside a name would change the PN's structure
-    return text.replace("^", " ").replace("=", " ").strip()
-
-
-def _pn(family: str, given: str, middle: str, prefix: str, suffix: str) -> str:
-    return "^".join(_name_part(p) for p in (family, given, middle, prefix, suffix)).rstrip("^")
+    if "^" in text or "=" in text:
+        text = text.replace("^", " ").replace("=", " ")
+    return text.strip()
 
 
 def _comp(parts: tuple[str, ...], i: int) -> str:
     return parts[i] if i < len(parts) else ""
 
 
-def _family(text: str, rule: RuleContext) -> str:
-    # XPN.1 / XCN.2 is FN (surname&own prefix&...): the surname is the family name
-    return rule.first_subcomponent(text)
+@lru_cache(maxsize=8192)
+def person_name(parts: tuple[str, ...], first: int) -> str:
+    """XPN (first=0) or XCN/CNN (first=1, after the ID) components -> DICOM PN.
+
+    HL7: family^given^middle^suffix^prefix; DICOM: family^given^middle^prefix^suffix. The
+    family name is FN (surname&own prefix&...): its first subcomponent is the surname.
+    """
+    family = _comp(parts, first).split("&", 1)[0]
+    order = (family, _comp(parts, first + 1), _comp(parts, first + 2), _comp(parts, first + 4), _comp(parts, first + 3))
+    return "^".join(_name_part(p) for p in order).rstrip("^")
 
 
 @FORMATS.register("xpn_to_pn", components=True)
 def xpn_to_pn(value: Any, rule: RuleContext, scope: Any) -> Any:
     """HL7 XPN (family^given^middle^suffix^prefix) -> DICOM PN family^given^middle^prefix^suffix."""
-    if not value:
-        return ""
-    c = value
-    return _pn(_family(_comp(c, 0), rule), _comp(c, 1), _comp(c, 2), _comp(c, 4), _comp(c, 3))
+    return person_name(value, 0) if value else ""
 
 
 @FORMATS.register("xcn_to_pn", components=True)
 def xcn_to_pn(value: Any, rule: RuleContext, scope: Any) -> Any:
     """HL7 XCN (id^family^given^middle^suffix^prefix) -> DICOM PN; the ID is dropped."""
-    if not value:
-        return ""
-    c = value
-    return _pn(_family(_comp(c, 1), rule), _comp(c, 2), _comp(c, 3), _comp(c, 5), _comp(c, 4))
+    return person_name(value, 1) if value else ""
 
 
 # ---------------------------------------------------------------- codes

@@ -34,7 +34,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from engine.configfile import ConfigError, Problem
 from engine.errors import SEGMENT_SEQUENCE_ERROR, ProcessingError
 from engine.mapping import paths as hp
-from engine.mapping.compiler import CompileContext, Evaluator, Settings, compile_fields, position
+from engine.mapping.compiler import CompileContext, Evaluator, Scope, Settings, compile_fields, position
 from engine.mapping.conditions import ConditionError, Predicate, parse_condition
 from engine.mapping.formats import FORMATS, FormatRegistry, valid_uid
 
@@ -93,10 +93,10 @@ class Mapping:
 
     def run(self, message: Any) -> list[dict[str, Any]]:
         """Map one message: one dict per `for_each` group, or one for the message ([] when `when` is false)."""
-        if self._when is not None and not self._when(message):
+        if self._when is not None and not self._when(Scope(message, message)):
             return []
         if self.for_each is None:
-            return [self._build(message)]
+            return [self._build(Scope(message, message))]
         groups = message.groups(self.for_each)
         if not groups:
             if self.settings.empty_groups == "skip":
@@ -110,7 +110,7 @@ class Mapping:
         out = []
         for i, group in enumerate(groups, 1):
             try:
-                out.append(self._build(group))
+                out.append(self._build(Scope(group, message)))
             except ProcessingError as exc:
                 if len(groups) > 1:
                     exc.text = f"{exc.text} ({self.for_each} group {i})"
