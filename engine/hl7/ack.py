@@ -176,7 +176,7 @@ def build_ack(
 ) -> str:
     """ACK for msg: sender/receiver swapped, same version, MSA-2 = its MSH-10, ERR from `error`."""
     enc = msg.encoding
-    f = msg._fields(0)
+    f = msg._first_fields("MSH") or []
 
     def raw(n: int) -> str:
         return f[n] if n < len(f) else ""

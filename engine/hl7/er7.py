@@ -290,11 +290,17 @@ def _decode(data: bytes, charset: str | None) -> tuple[str, str]:
 _GROUP_CLOSERS = frozenset({"MSH", "PID", "PD1", "PV1", "PV2", "MRG", "EVN", "NK1", "GT1", "IN1", "IN2", "IN3"})
 
 
+def _first_rep(value: str, p: Path, enc: Encoding) -> str:
+    """The repetition a path selects for get(): [*] and no index mean the first."""
+    rs = enc.repetition
+    if rs in value:
+        return value.split(rs)[0] if p.rep == ALL else _pick(value, rs, p.rep or 1)
+    return "" if p.rep is not None and p.rep > 1 else value
+
+
 def _read(msg: Message, i: int, p: Path) -> str:
     """The first value path p selects in segment i of msg."""
-    fields = msg._split[i]
-    if fields is None:
-        fields = msg._split[i] = _split_fields(msg._raw[i], msg.encoding.field)
+    fields = msg._fields(i)
     f = p.field
     if f is None or f >= len(fields):
         return ""
@@ -509,19 +515,25 @@ class Group(_View):
 
 
 class Message(_View):
-    """Lazy view of one ER7 message. Build with Message.parse(bytes | str, charset=None)."""
+    """Lazy view of one ER7 message. Build with Message.parse(bytes | str, charset=None).
 
-    __slots__ = ("_msg", "_raw", "_segs", "_split", "_nm", "encoding", "codec", "_text")
+    Until something needs the segment list (segments(), groups(), get_all(), set(), a segment
+    index above 1), get() finds the first segment of a name with one str.find on the text and
+    splits only that segment: most messages are read a handful of times and never split whole.
+    """
 
-    def __init__(self, segments: list[str], encoding: Encoding, codec: str = "utf-8", text: str | None = None) -> None:
+    __slots__ = ("_msg", "_text", "_raw", "_split", "_nm", "_first", "_segs", "encoding", "codec")
+
+    def __init__(self, text: str, encoding: Encoding, codec: str = "utf-8") -> None:
         self._msg = self
-        self._raw = segments
-        self._split: list[list[str] | None] = [None] * len(segments)
+        self._text: str | None = text  # CR-terminated; None once a set() changed the segments
+        self._raw: list[str] | None = None  # segment texts, once materialised
+        self._split: dict[int, list[str]] = {}  # segment index -> fields, split on first use
         self._nm: list[str] | None = None
+        self._first: dict[str, int] | None = None
         self._segs: list[Segment | None] | None = None
         self.encoding = encoding
         self.codec = codec  # the Python codec the bytes were decoded with
-        self._text = text
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -545,34 +557,42 @@ class Message(_View):
                 )
         if "\n" in text:
             text = text.replace("\r\n", "\r").replace("\n", "\r")
-        segs = text.split("\r")
-        keep = segs[-1] == ""  # the text is already in to_er7() form unless proven otherwise
-        if keep:
-            segs.pop()
-        if "" in segs:
-            segs = [s for s in segs if s]
-            keep = False
-        head = segs[0]
-        if len(head) < 8:
+            if "\r\r" in text:  # blank lines
+                text = "\r".join(s for s in text.split("\r") if s.strip()) + "\r"
+        if text[-1] != "\r" or text[-2] == "\r":  # (substring scans cost ~1 us each: only the tail is checked)
+            text = "\r".join(s for s in text.split("\r") if s.strip()) + "\r"
+        end = text.find("\r")
+        if end < 8:
             raise ProcessingError(
                 "MSH segment too short to hold its delimiters", DATA_TYPE_ERROR, "MSH-2", ack_code="AR"
             )
-        fs = head[3]
-        end = head.find(fs, 4)
-        enc = _encoding(fs, head[4:] if end < 0 else head[4:end])
-        return cls(segs, enc, codec, text if keep else None)
+        fs = text[3]
+        stop = text.find(fs, 4, end)
+        return cls(text, _encoding(fs, text[4:end] if stop < 0 else text[4:stop]), codec)
 
     # -- internals used by views --------------------------------------------------------------
+    def _segments_raw(self) -> list[str]:
+        """The segment list, split from the text the first time something needs it."""
+        raw = self._raw
+        if raw is None:
+            assert self._text is not None
+            raw = self._text[:-1].split("\r")
+            if "" in raw:  # blank segments in a CR-only text
+                raw = [s for s in raw if s]
+                self._text = "\r".join(raw) + "\r"
+            self._raw = raw
+        return raw
+
     def _names(self) -> list[str]:
         nm = self._nm
         if nm is None:
-            nm = self._nm = [s[:3] for s in self._raw]
+            nm = self._nm = [s[:3] for s in self._segments_raw()]
         return nm
 
     def _fields(self, i: int) -> list[str]:
-        f = self._split[i]
+        f = self._split.get(i)
         if f is None:
-            f = self._split[i] = _split_fields(self._raw[i], self.encoding.field)
+            f = self._split[i] = _split_fields(self._segments_raw()[i], self.encoding.field)
         return f
 
     def _indexes(self, name: str) -> list[int]:
@@ -582,72 +602,105 @@ class Message(_View):
         return [i for i, n in enumerate(nm) if n == name]
 
     def _all_indexes(self) -> list[int]:
-        return list(range(len(self._raw)))
+        return list(range(len(self._segments_raw())))
+
+    def _first_fields(self, name: str) -> list[str] | None:
+        """Fields of the first segment called name (None if absent)."""
+        first = self._first
+        if first is None:
+            first = self._first = {}
+            for i, seg in enumerate(self._segments_raw()):
+                n = seg[:3]
+                if n not in first:
+                    first[n] = i
+        i = first.get(name, -1)
+        if i < 0:
+            return None
+        f = self._split.get(i)
+        if f is None:
+            f = self._split[i] = _split_fields(self._raw[i], self.encoding.field)  # type: ignore[index]
+        return f
 
     def get(self, path: str | Path) -> str:
         """First match, escapes decoded; '' if absent. Composite values come back as raw ER7."""
+        # the hot path: inlined, nothing split that the path does not touch
         p = path if path.__class__ is Path else compile_path(path)  # type: ignore[arg-type]
-        nm = self._nm
-        if nm is None:
-            nm = self._nm = [s[:3] for s in self._raw]
-        name = p.segment
-        if name not in nm:
-            return ""
         sr = p.seg_rep
-        i = nm.index(name) if not sr or sr == 1 else self._nth(name, sr)
-        if i < 0:
+        if sr and sr > 1:
+            i = self._nth(p.segment, sr)
+            fields = self._fields(i) if i >= 0 else None
+        else:
+            fields = self._first_fields(p.segment)
+        f = p.field
+        if fields is None or f is None or f >= len(fields):
             return ""
-        return _read(self, i, p)
+        value = fields[f]
+        if f <= 2 and p.segment == "MSH":
+            return value
+        enc = self.encoding
+        if p.rep is not None or enc.repetition in value:
+            value = _first_rep(value, p, enc)
+        c = p.component
+        if c is not None:
+            cs = enc.component
+            if cs in value:
+                parts = value.split(cs)
+                value = parts[c - 1] if c <= len(parts) else ""
+            elif c > 1:
+                return ""
+            if p.subcomponent is not None:
+                value = _pick(value, enc.subcomponent, p.subcomponent)
+            elif enc.subcomponent in value:
+                return value
+        elif enc.component in value or enc.subcomponent in value:
+            return value
+        if enc.escape in value:
+            return unescape(value, enc, self.codec)
+        return value
 
     def _nth(self, name: str, n: int) -> int:
-        nm = self._nm
-        if nm is None:
-            nm = self._nm = [s[:3] for s in self._raw]
-        if name not in nm:
-            return -1
-        i = nm.index(name)
-        while n > 1:
-            if name not in nm[i + 1 :]:
-                return -1
-            i = nm.index(name, i + 1)
-            n -= 1
-        return i
+        idx = self._indexes(name)
+        return idx[n - 1] if n <= len(idx) else -1
 
     def _segment(self, i: int) -> Segment:
+        raw = self._segments_raw()
         if self._segs is None:
-            self._segs = [None] * len(self._raw)
+            self._segs = [None] * len(raw)
         s = self._segs[i]
         if s is None:
-            s = self._segs[i] = Segment(self._raw[i], self.encoding.field)
-            s._fields = self._split[i]
+            s = self._segs[i] = Segment(raw[i], self.encoding.field)
+            s._fields = self._split.get(i)
         return s
 
     def _replace(self, i: int, fields: list[str]) -> None:
-        self._raw[i] = _join_fields(fields, self.encoding.field)
+        raw = self._segments_raw()
+        raw[i] = _join_fields(fields, self.encoding.field)
         self._split[i] = fields
         if self._segs is not None and self._segs[i] is not None:
             seg = self._segs[i]
             assert seg is not None
-            seg._raw = self._raw[i]
+            seg._raw = raw[i]
             seg._fields = fields
         self._text = None
 
     def _append(self, name: str) -> int:
-        self._raw.append(name)
-        self._split.append(None)
+        raw = self._segments_raw()
+        raw.append(name)
         if self._segs is not None:
             self._segs.append(None)
         if self._nm is not None:
             self._nm.append(name)
+        if self._first is not None:
+            self._first.setdefault(name, len(raw) - 1)
         self._text = None
-        return len(self._raw) - 1
+        return len(raw) - 1
 
     # -- output ------------------------------------------------------------------------------
     def to_er7(self) -> str:
         """The message as ER7, each segment terminated by CR."""
         t = self._text
         if t is None:
-            t = self._text = "\r".join(self._raw) + "\r"
+            t = self._text = "\r".join(self._segments_raw()) + "\r"
         return t
 
     @property
@@ -660,7 +713,7 @@ class Message(_View):
 
     # -- header shortcuts ----------------------------------------------------------------------
     def _msh(self, f: int) -> str:
-        fields = self._fields(0)
+        fields = self._first_fields("MSH") or []
         return fields[f] if f < len(fields) else ""
 
     def _msh_first(self, f: int, c: int = 1) -> str:

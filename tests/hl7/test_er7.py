@@ -87,6 +87,20 @@ def test_leading_junk_and_missing_trailing_terminator() -> None:
     assert m.to_er7().endswith("PID|1\r")
 
 
+def test_blank_segments_dropped() -> None:
+    m = Message.parse("MSH|^~\\&|A|B|C|D|||ADT^A08|X4|P|2.5\r\rPID|1||7\r\r\r")
+    assert m.get("PID-3") == "7"
+    assert [s.name for s in m.segments()] == ["MSH", "PID"]
+    assert m.to_er7() == "MSH|^~\\&|A|B|C|D|||ADT^A08|X4|P|2.5\rPID|1||7\r"
+
+
+def test_segment_name_must_match_exactly() -> None:
+    m = Message.parse("MSH|^~\\&|A|B|C|D|||ADT^A08|X5|P|2.5\rZPI|x\rPID\rPID|2\r")
+    assert m.get("PID-1") == ""
+    assert m.get("PID[2]-1") == "2"
+    assert m.get_all("PID-1") == ["", "2"]
+
+
 @pytest.mark.parametrize(
     "data, code, location, ack",
     [
