@@ -522,9 +522,9 @@ class Message(_View):
     splits only that segment: most messages are read a handful of times and never split whole.
     """
 
-    __slots__ = ("_msg", "_text", "_raw", "_split", "_nm", "_first", "_segs", "encoding", "codec")
+    __slots__ = ("_msg", "_text", "_raw", "_split", "_nm", "_first", "_segs", "encoding", "_codec")
 
-    def __init__(self, text: str, encoding: Encoding, codec: str = "utf-8") -> None:
+    def __init__(self, text: str, encoding: Encoding, codec: str | None = "utf-8") -> None:
         self._msg = self
         self._text: str | None = text  # CR-terminated; None once a set() changed the segments
         self._raw: list[str] | None = None  # segment texts, once materialised
@@ -533,7 +533,7 @@ class Message(_View):
         self._first: dict[str, int] | None = None
         self._segs: list[Segment | None] | None = None
         self.encoding = encoding
-        self.codec = codec  # the Python codec the bytes were decoded with
+        self._codec = codec  # the Python codec the bytes were decoded with (None: pure ASCII, see codec)
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -541,10 +541,10 @@ class Message(_View):
         """Parse ER7; CR, LF or CRLF terminators; bytes decoded with `charset`, else MSH-18."""
         if data.__class__ is str:
             text = data  # type: ignore[assignment]
-            codec = resolve_charset(charset) if charset else "utf-8"
+            codec = resolve_charset(charset) if charset else None
         elif charset is None and data.__class__ is bytes and b"\x1b" not in data:  # type: ignore[operator]
             try:  # pure ASCII reads the same in every charset we accept: skip the MSH-18 scan
-                text, codec = data.decode("ascii"), "ascii"  # type: ignore[union-attr]
+                text, codec = data.decode("ascii"), None  # type: ignore[union-attr]
             except UnicodeDecodeError:
                 text, codec = _decode(data, charset)  # type: ignore[arg-type]
         else:
@@ -706,6 +706,18 @@ class Message(_View):
     @property
     def text(self) -> str:
         return self.to_er7()
+
+    @property
+    def codec(self) -> str:
+        """Python codec of the message: the one its bytes were decoded with, else MSH-18's, else UTF-8.
+
+        Pure-ASCII bytes skip the MSH-18 lookup when parsed; it is resolved here when someone asks
+        (e.g. to encode the ACK in the sender's charset).
+        """
+        c = self._codec
+        if c is None:
+            c = self._codec = python_codec(self.get("MSH-18.1")) or "utf-8"
+        return c
 
     def encode(self, charset: str | None = None) -> bytes:
         """ER7 bytes in `charset` (default: the codec the message was read with)."""

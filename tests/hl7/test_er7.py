@@ -165,6 +165,17 @@ def test_charset_override_wins() -> None:
         Message.parse(raw, charset="no-such-charset")
 
 
+def test_codec_of_pure_ascii_message_follows_msh18() -> None:
+    body = "MSH|^~\\&|A|B|C|D|||ADT^A08|U6|P|2.5||||||8859/1\rPID|1||1||Muller\r"
+    assert Message.parse(body.encode()).codec == "latin-1"
+    assert Message.parse(body).codec == "latin-1"
+    assert Message.parse(body.replace("8859/1", "")).codec == "utf-8"
+    assert Message.parse(body, charset="8859/15").codec == "iso8859-15"
+    m = Message.parse(body)
+    m.set("PID-5", "Müller")
+    assert m.encode().endswith("M\xfcller\r".encode("latin-1"))
+
+
 def test_msh18_repeated_uses_first() -> None:
     body = "MSH|^~\\&|A|B|C|D|||ADT^A08|U5|P|2.5||||||8859/1~UNICODE UTF-8\rPID|1||1||Müller\r"
     assert Message.parse(body.encode("latin-1")).get("PID-5") == "Müller"
