@@ -30,6 +30,8 @@ from engine.store.writer import QueuedPayload, UnitResult, WorkUnit, Writer
 
 log = logging.getLogger(__name__)
 
+# the header an answer is built from when the frame had no readable MSH
+_UNKNOWN_SENDER = Message.parse("MSH|^~\\&|||||||||P|2.5\r")
 COMMIT_ACK = b"\x06"
 COMMIT_NAK = b"\x15"
 
@@ -165,7 +167,8 @@ class HL7Channel:
         def answer(_status: str, error: ProcessingError | None) -> str:
             if error is None:  # pragma: no cover - a unit that failed to parse always has an error
                 return ""
-            return build_ack_from_raw(raw, error.ack_code, error) or ""
+            # no readable MSH: still answer, so the sender is not left waiting for a timeout
+            return build_ack_from_raw(raw, error.ack_code, error) or build_ack(_UNKNOWN_SENDER, "AR", error)
 
         return answer
 

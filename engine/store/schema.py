@@ -1,8 +1,3 @@
 """Importing this module registers every table with SQLModel.metadata."""
 
-from engine.store import models  # noqa: F401
-
-try:  # the worklist table lands with the worklist feature
-    from engine.store import worklist  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+from engine.store import models, worklist  # noqa: F401

@@ -147,7 +147,10 @@ async def test_oversize_frame_and_silent_client_do_not_disturb_others(running_en
     big_writer.write(b"\x0b" + b"A" * (17 * 2**20))
     ack = await send(app, oru("NEIGHBOUR-1"))
     assert ack.get("MSA-1") == "AA"
-    assert await asyncio.wait_for(big_reader.read(), 20) == b""  # the oversize connection was closed
+    try:  # the oversize connection was closed (reset, as unread data was pending)
+        assert await asyncio.wait_for(big_reader.read(), 20) == b""
+    except ConnectionResetError:
+        pass
     big_writer.close()
     silent[1].close()
 
