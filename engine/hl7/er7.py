@@ -382,23 +382,44 @@ class _View:
                 out.append(_narrow(rep, p, enc, msg.codec))
         return out
 
+    def _raw_get(self, p: Path) -> str:
+        """Like get() for the first match, but the ER7 text as written (no decoding)."""
+        i = self._nth(p.segment, p.seg_rep or 1)
+        if i < 0 or p.field is None:
+            return ""
+        fields = self._msg._fields(i)
+        if p.field >= len(fields):
+            return ""
+        value = fields[p.field]
+        if p.field <= 2 and p.segment == "MSH":
+            return value
+        enc = self._msg.encoding
+        value = _first_rep(value, p, enc)
+        if p.component is not None:
+            value = _pick(value, enc.component, p.component)
+            if p.subcomponent is not None:
+                value = _pick(value, enc.subcomponent, p.subcomponent)
+        return value
+
     def components(self, path: str | Path) -> list[str]:
-        """Decoded components of the field (or subcomponents of the component) the path names."""
+        """Decoded components of the field (or subcomponents of the component) the path names.
+
+        Split before decoding, so an escaped delimiter never splits; a component that itself holds
+        subcomponents is returned as raw ER7 (like get()), to be read with a PATH.N path.
+        """
         p = _compile(path)
         enc = self._msg.encoding
         if p.subcomponent is not None:
             return [self.get(p)]
-        if p.component is not None:
-            raw = self.get(Path(p.segment, p.seg_rep, p.field, p.rep, p.component, None, p.text))
-            sep = enc.subcomponent
-        else:
-            raw = self.get(p)
-            sep = enc.component
+        raw = self._raw_get(p)
         if raw == "":
             return []
-        parts = raw.split(sep)
         codec = self._msg.codec
-        return [unescape(x, enc, codec) if enc.escape in x else x for x in parts]
+        if p.component is None:  # a component that holds subcomponents stays raw, as get() gives it
+            ss = enc.subcomponent
+            parts = raw.split(enc.component)
+            return [unescape(x, enc, codec) if enc.escape in x and ss not in x else x for x in parts]
+        return [unescape(x, enc, codec) if enc.escape in x else x for x in raw.split(enc.subcomponent)]
 
     def segments(self, name: str | None = None) -> list[Segment]:
         """Segments of this view, all or those named `name`."""

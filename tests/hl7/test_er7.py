@@ -246,6 +246,15 @@ def test_escape_decoded_on_read_raw_for_composites() -> None:
     assert m.get("NTE-3.2") == "x^y"
     assert m.get("NTE-3") == "a\\T\\b\\F\\c^x\\S\\y"
     assert m.components("NTE-3") == ["a&b|c", "x^y"]
+    assert m.components("NTE-3.1") == ["a&b|c"]  # escaped & is not a subcomponent separator
+
+
+def test_components_split_before_decoding() -> None:
+    m = Message.parse("MSH|^~\\&|A|B|C|D|||ADT^A08|E2|P|2.5\rPID|1||1||O\\S\\Brien~M\\T\\M&van^Anne\r")
+    assert m.components("PID-5") == ["O^Brien"]
+    assert m.components("PID-5[2]") == ["M\\T\\M&van", "Anne"]  # holds subcomponents: raw, like get()
+    assert m.components("PID-5[2].1") == ["M&M", "van"]
+    assert m.components("PID-5[2].1.1") == ["M&M"]
 
 
 # --------------------------------------------------------------------------------- groups
