@@ -172,6 +172,8 @@ def is_rule(node: Any) -> bool:
     """A mapping is a rule when it uses a rule key (whose value is not itself a target mapping)."""
     if not isinstance(node, dict):
         return False
+    if "from" in node:  # never a target name
+        return True
     for k, v in node.items():
         if k in BASE_RULE_KEYS and (k == "map" or not isinstance(v, dict)):
             return True
@@ -515,6 +517,25 @@ def _path_spec(text: str) -> tuple[str, bool, Any]:
     return ("" if seg == "MSH" else "\r" + seg), seg in MESSAGE_LEVEL, hp.compile_path(text)
 
 
+class Parts(tuple):  # noqa: SLOT001 - instances carry where they came from
+    """Decoded components of one value; `sub(i)` reads the subcomponents of component i."""
+
+    def sub(self, i: int) -> list[str]:
+        view, text = self.view, self.text  # type: ignore[attr-defined]
+        if text.count(".") >= 1 and hp.has_component(text):
+            return [self[i]] if i < len(self) else []  # already subcomponents
+        return view.components(hp.compile_path(f"{text}.{i + 1}"))
+
+
+def _parts(c: list[str], view: Any, text: str) -> Any:
+    if not any(c):
+        return ""
+    p = Parts(c)
+    p.view = view  # type: ignore[attr-defined]
+    p.text = text  # type: ignore[attr-defined]
+    return p
+
+
 def _getter(text: str, path: Any, many: bool, components: bool) -> Evaluator:
     seg = hp.segment_of(text)
     marker = "" if seg == "MSH" else "\r" + seg  # MSH is always there
@@ -540,8 +561,8 @@ def _getter(text: str, path: Any, many: bool, components: bool) -> Evaluator:
         def comps(scope: Scope) -> Any:
             if marker and marker not in scope.text:
                 return ""
-            c = (scope.msg if top else scope.view).components(path)
-            return tuple(c) if any(c) else ""  # a tuple: one value's parts (a list is repetitions)
+            view = scope.msg if top else scope.view
+            return _parts(view.components(path), view, text)  # a tuple: one value (a list: repetitions)
 
         return comps
 
@@ -552,8 +573,8 @@ def _getter(text: str, path: Any, many: bool, components: bool) -> Evaluator:
         n = len(view.get_all(path))
         out = []
         for i in range(1, n + 1):
-            c = view.components(hp.compile_path(hp.repetition_path(text, i)))
-            out.append(tuple(c) if any(c) else "")
+            rep = hp.repetition_path(text, i)
+            out.append(_parts(view.components(hp.compile_path(rep)), view, rep))
         return out
 
     return comps_each

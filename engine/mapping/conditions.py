@@ -19,7 +19,9 @@ from typing import Any
 Predicate = Callable[[Any], bool]
 PathCompiler = Callable[[str], Any]  # raises ValueError on a bad path
 
-_TOKEN = re.compile(r"\s*(?:(?P<str>'[^']*'|\"[^\"]*\")|(?P<op>==|!=|\(|\)|\[|\]|,)|(?P<word>[^\s=!()\[\],'\"]+))")
+_TOKEN = re.compile(
+    r"\s*(?:(?P<str>'[^']*'|\"[^\"]*\")|(?P<op>==|!=|\(|\)|\[|\]|,)|(?P<word>(?:[^\s=!()\[\],'\"]|\[(?:[0-9]+|\*)\])+))"
+)
 
 
 class ConditionError(ValueError):

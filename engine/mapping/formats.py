@@ -5,8 +5,9 @@ names up here at load time, so a typo is a config error, not a message failure. 
 value and the rule it belongs to (settings, location, options); it returns the converted value,
 or raises `ProcessingError` through `rule.fail(...)` so the sender learns which field was wrong.
 
-`components=True` formats receive the decoded components of the addressed field (list of str)
-instead of its text, so escape sequences inside a name never split it wrongly.
+`components=True` formats receive the decoded components of the addressed field (a `Parts`
+tuple; `.sub(i)` gives the decoded subcomponents of component i) instead of its text, so escape
+sequences inside a name never split it wrongly.
 """
 
 from __future__ import annotations
@@ -241,27 +242,34 @@ def _comp(parts: tuple[str, ...], i: int) -> str:
 
 
 @lru_cache(maxsize=8192)
-def person_name(parts: tuple[str, ...], first: int) -> str:
+def person_name(family: str, parts: tuple[str, ...], first: int) -> str:
     """XPN (first=0) or XCN/CNN (first=1, after the ID) components -> DICOM PN.
 
-    HL7: family^given^middle^suffix^prefix; DICOM: family^given^middle^prefix^suffix. The
-    family name is FN (surname&own prefix&...): its first subcomponent is the surname.
+    HL7: family^given^middle^suffix^prefix; DICOM: family^given^middle^prefix^suffix.
     """
-    family = _comp(parts, first).split("&", 1)[0]
     order = (family, _comp(parts, first + 1), _comp(parts, first + 2), _comp(parts, first + 4), _comp(parts, first + 3))
     return "^".join(_name_part(p) for p in order).rstrip("^")
+
+
+def _family(value: Any, i: int) -> str:
+    """FN is surname&own prefix&...: the surname is the family name (escaped & stays in it)."""
+    text = _comp(value, i)
+    if "&" in text and hasattr(value, "sub"):
+        subs = value.sub(i)
+        return subs[0] if subs else ""
+    return text
 
 
 @FORMATS.register("xpn_to_pn", components=True)
 def xpn_to_pn(value: Any, rule: RuleContext, scope: Any) -> Any:
     """HL7 XPN (family^given^middle^suffix^prefix) -> DICOM PN family^given^middle^prefix^suffix."""
-    return person_name(value, 0) if value else ""
+    return person_name(_family(value, 0), tuple(value), 0) if value else ""
 
 
 @FORMATS.register("xcn_to_pn", components=True)
 def xcn_to_pn(value: Any, rule: RuleContext, scope: Any) -> Any:
     """HL7 XCN (id^family^given^middle^suffix^prefix) -> DICOM PN; the ID is dropped."""
-    return person_name(value, 1) if value else ""
+    return person_name(_family(value, 1), tuple(value), 1) if value else ""
 
 
 # ---------------------------------------------------------------- codes

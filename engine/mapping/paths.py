@@ -28,6 +28,12 @@ def is_list(text: str) -> bool:
     return "[*]" in text
 
 
+def has_component(text: str) -> bool:
+    """PID-5.1 (a component) rather than PID-5 (a field)."""
+    m = _PATH.match(text)
+    return m is not None and m["comp"] is not None
+
+
 def segment_of(text: str) -> str:
     return text[:3]
 
