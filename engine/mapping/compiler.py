@@ -77,12 +77,14 @@ class Scope:
     segments the message does not have with one substring test instead of a lookup.
     """
 
-    __slots__ = ("view", "msg", "text")
+    __slots__ = ("view", "msg", "text", "memo", "top_memo")
 
-    def __init__(self, view: Any, msg: Any) -> None:
+    def __init__(self, view: Any, msg: Any, text: str | None = None, top_memo: dict[str, Any] | None = None) -> None:
         self.view = view
         self.msg = msg
-        self.text = "\r" + msg.text
+        self.text = text if text is not None else "\r" + msg.text
+        self.memo: dict[str, Any] = {}  # path text -> value, for this group
+        self.top_memo: dict[str, Any] = {} if top_memo is None else top_memo  # message-level, shared
 
     def get(self, path: Any) -> str:
         return self.view.get(path)
@@ -497,14 +499,18 @@ def _compile_from(
 
 def _first_text(texts: list[str]) -> Evaluator:
     """First non-empty of several plain paths, in one closure (the hot case)."""
-    specs = tuple(_path_spec(t) for t in texts)
+    specs = tuple((t, *_path_spec(t)) for t in texts)
 
     def first(scope: Scope) -> str:
-        text = scope.text
-        for marker, top, path in specs:
-            if marker and marker not in text:
-                continue
-            v = (scope.msg if top else scope.view).get(path)
+        for key, marker, top, path in specs:
+            memo = scope.top_memo if top else scope.memo
+            v = memo.get(key)
+            if v is None:
+                if marker and marker not in scope.text:
+                    v = ""
+                else:
+                    v = (scope.msg if top else scope.view).get(path)
+                memo[key] = v
             if v:
                 return v
         return ""
@@ -551,9 +557,15 @@ def _getter(text: str, path: Any, many: bool, components: bool) -> Evaluator:
             return get_all
 
         def get(scope: Scope) -> Any:
-            if marker and marker not in scope.text:
-                return ""
-            return (scope.msg if top else scope.view).get(path)
+            memo = scope.top_memo if top else scope.memo
+            v = memo.get(text)
+            if v is None:
+                if marker and marker not in scope.text:
+                    v = ""
+                else:
+                    v = (scope.msg if top else scope.view).get(path)
+                memo[text] = v
+            return v
 
         return get
     if not many:

@@ -93,10 +93,11 @@ class Mapping:
 
     def run(self, message: Any) -> list[dict[str, Any]]:
         """Map one message: one dict per `for_each` group, or one for the message ([] when `when` is false)."""
-        if self._when is not None and not self._when(Scope(message, message)):
+        whole = Scope(message, message)
+        if self._when is not None and not self._when(whole):
             return []
         if self.for_each is None:
-            return [self._build(Scope(message, message))]
+            return [self._build(whole)]
         groups = message.groups(self.for_each)
         if not groups:
             if self.settings.empty_groups == "skip":
@@ -110,7 +111,7 @@ class Mapping:
         out = []
         for i, group in enumerate(groups, 1):
             try:
-                out.append(self._build(Scope(group, message)))
+                out.append(self._build(Scope(group, message, whole.text, whole.top_memo)))
             except ProcessingError as exc:
                 if len(groups) > 1:
                     exc.text = f"{exc.text} ({self.for_each} group {i})"
