@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from engine.errors import DATA_TYPE_ERROR, REQUIRED_FIELD_MISSING, TABLE_VALUE_NOT_FOUND
 
 if TYPE_CHECKING:
-    from engine.mapping.compiler import RuleContext
+    from engine.mapping.context import RuleContext
 
 FormatFunc = Callable[[Any, "RuleContext", Any], Any]  # (value, rule, scope) -> converted
 

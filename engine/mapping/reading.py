@@ -1,0 +1,146 @@
+"""How compiled rules read the message: through a per-run Scope over the ER7 view.
+
+Reads are memoised per group (and per message for patient-level segments), segments the message
+lacks are skipped with one substring test, and composite values come back as `Parts` (decoded
+components that can still give the subcomponents of one of them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.mapping import paths as hp
+from engine.mapping.context import Evaluator
+
+# Segments that belong to the message, never to an ORDER/OBSERVATION group: read them from the
+# message directly (the group would only fall back to it, slower).
+MESSAGE_LEVEL = frozenset(
+    {"MSH", "EVN", "PID", "PD1", "PV1", "PV2", "MRG", "NK1", "GT1", "IN1", "IN2", "IN3", "AL1", "DG1"}
+)
+
+
+class Scope:
+    """The message (or one group of it) being mapped, as the compiled rules see it.
+
+    It offers the view's reading API to formats and conditions, and lets compiled paths skip
+    segments the message does not have with one substring test instead of a lookup.
+    """
+
+    __slots__ = ("view", "msg", "text", "memo", "top_memo")
+
+    def __init__(self, view: Any, msg: Any, text: str | None = None, top_memo: dict[str, Any] | None = None) -> None:
+        self.view = view
+        self.msg = msg
+        self.text = text if text is not None else "\r" + msg.text
+        self.memo: dict[str, Any] = {}  # path text -> value, for this group
+        self.top_memo: dict[str, Any] = {} if top_memo is None else top_memo  # message-level, shared
+
+    def get(self, path: Any) -> str:
+        return self.view.get(path)
+
+    def get_all(self, path: Any) -> list[str]:
+        return self.view.get_all(path)
+
+    def components(self, path: Any) -> list[str]:
+        return self.view.components(path)
+
+    def segments(self, name: str | None = None) -> list[Any]:
+        return self.view.segments(name)
+
+    def groups(self, kind: str) -> list[Any]:
+        return self.view.groups(kind)
+
+
+def _first_text(texts: list[str]) -> Evaluator:
+    """First non-empty of several plain paths, in one closure (the hot case)."""
+    specs = tuple((t, *_path_spec(t)) for t in texts)
+
+    def first(scope: Scope) -> str:
+        for key, marker, top, path in specs:
+            memo = scope.top_memo if top else scope.memo
+            v = memo.get(key)
+            if v is None:
+                if marker and marker not in scope.text:
+                    v = ""
+                else:
+                    v = (scope.msg if top else scope.view).get(path)
+                memo[key] = v
+            if v:
+                return v
+        return ""
+
+    return first
+
+
+def _path_spec(text: str) -> tuple[str, bool, Any]:
+    seg = hp.segment_of(text)
+    return ("" if seg == "MSH" else "\r" + seg), seg in MESSAGE_LEVEL, hp.compile_path(text)
+
+
+class Parts(tuple):  # noqa: SLOT001 - instances carry where they came from
+    """Decoded components of one value; `sub(i)` reads the subcomponents of component i."""
+
+    def sub(self, i: int) -> list[str]:
+        view, text = self.view, self.text  # type: ignore[attr-defined]
+        if text.count(".") >= 1 and hp.has_component(text):
+            return [self[i]] if i < len(self) else []  # already subcomponents
+        return view.components(hp.compile_path(f"{text}.{i + 1}"))
+
+
+def _parts(c: list[str], view: Any, text: str) -> Any:
+    if not any(c):
+        return ""
+    p = Parts(c)
+    p.view = view  # type: ignore[attr-defined]
+    p.text = text  # type: ignore[attr-defined]
+    return p
+
+
+def _getter(text: str, path: Any, many: bool, components: bool) -> Evaluator:
+    seg = hp.segment_of(text)
+    marker = "" if seg == "MSH" else "\r" + seg  # MSH is always there
+    top = seg in MESSAGE_LEVEL
+    if not components:
+        if many:
+
+            def get_all(scope: Scope) -> Any:
+                if marker and marker not in scope.text:
+                    return []
+                return (scope.msg if top else scope.view).get_all(path)
+
+            return get_all
+
+        def get(scope: Scope) -> Any:
+            memo = scope.top_memo if top else scope.memo
+            v = memo.get(text)
+            if v is None:
+                if marker and marker not in scope.text:
+                    v = ""
+                else:
+                    v = (scope.msg if top else scope.view).get(path)
+                memo[text] = v
+            return v
+
+        return get
+    if not many:
+
+        def comps(scope: Scope) -> Any:
+            if marker and marker not in scope.text:
+                return ""
+            view = scope.msg if top else scope.view
+            return _parts(view.components(path), view, text)  # a tuple: one value (a list: repetitions)
+
+        return comps
+
+    def comps_each(scope: Scope) -> Any:
+        if marker and marker not in scope.text:
+            return []
+        view = scope.msg if top else scope.view
+        n = len(view.get_all(path))
+        out = []
+        for i in range(1, n + 1):
+            rep = hp.repetition_path(text, i)
+            out.append(_parts(view.components(hp.compile_path(rep)), view, rep))
+        return out
+
+    return comps_each

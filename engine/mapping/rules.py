@@ -1,0 +1,377 @@
+"""One rule (`{from:, value:, default:, required:, map:/table:, on_missing:, format:, when:}`)
+compiled into a closure; problems are collected with their line, never raised one by one."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+from engine.errors import REQUIRED_FIELD_MISSING, TABLE_VALUE_NOT_FOUND, ProcessingError
+from engine.mapping import paths as hp
+from engine.mapping.conditions import ConditionError, parse_condition
+from engine.mapping.context import (
+    CONTAINERS,
+    FALSY_EMPTY,
+    OMIT,
+    CompileContext,
+    Evaluator,
+    RuleContext,
+    is_empty,
+    location_for,
+    position,
+)
+from engine.mapping.formats import Format
+from engine.mapping.reading import _first_text, _getter
+from engine.mapping.tables import ON_MISSING, CodeTable, TableError, inline_table, load_csv_table
+from engine.mapping.templates import TemplateError, compile_template, literal_text, template_paths
+
+BASE_RULE_KEYS = ("from", "value", "default", "required", "map", "table", "on_missing", "format", "when")
+
+_MISSING: Any = object()
+
+
+def is_rule(node: Any) -> bool:
+    """A mapping is a rule when it uses a rule key (whose value is not itself a target mapping)."""
+    if not isinstance(node, dict):
+        return False
+    if "from" in node:  # never a target name
+        return True
+    for k, v in node.items():
+        if k in BASE_RULE_KEYS and (k == "map" or not isinstance(v, dict)):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------- tree
+
+
+def _paths_of(value: Any) -> list[Any] | None:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    return None
+
+
+def compile_literal(value: Any, parent: Any, key: Any, kp: str, ctx: CompileContext) -> Evaluator | None:
+    if value is None:
+        return lambda scope: ""
+    if isinstance(value, str):
+        try:
+            render = compile_template(value)
+        except TemplateError as exc:
+            ctx.problem(parent, key, kp, str(exc))
+            return None
+        if render is not None:
+            return render
+        text = literal_text(value)
+        return lambda scope: text
+    if isinstance(value, bool | int | float):
+        return lambda scope: value
+    ctx.problem(parent, key, kp, "expected a rule, a nested mapping, a list or a literal")
+    return None
+
+
+def compile_rule(node: dict, parent: Any, key: Any, kp: str, ctx: CompileContext) -> Evaluator | None:
+    """One rule -> a closure scope -> value (or OMIT). Returns None (and records problems) if bad."""
+    bad = len(ctx.problems)
+    line, _ = position(parent, key)
+    source = f"{ctx.display}:{line}"
+    parts = kp.split(".")
+    while len(parts) > 1 and parts[-1] == "default":  # a fallback rule speaks for its target
+        parts.pop()
+    target = parts[-1]
+
+    # formats first: they decide which extra keys the rule may carry
+    formats: list[Format] = []
+    fmt_node = node.get("format")
+    if "format" in node:
+        names = _paths_of(fmt_node)
+        if names is None:
+            ctx.problem(node, "format", f"{kp}.format", "format must be a name or a list of names")
+        else:
+            for name in names:
+                f = ctx.formats.get(name)
+                if f is None:
+                    near = difflib.get_close_matches(name, ctx.formats.names(), n=1)
+                    hint = f" (did you mean {near[0]}?)" if near else ""
+                    ctx.problem(
+                        node,
+                        "format",
+                        f"{kp}.format",
+                        f"unknown format {name!r}{hint}; known: {', '.join(ctx.formats.names())}",
+                    )
+                else:
+                    formats.append(f)
+    allowed = set(BASE_RULE_KEYS)
+    for f in formats:
+        allowed |= f.options
+    for k in node:
+        if k not in allowed:
+            near = difflib.get_close_matches(str(k), sorted(allowed), n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            ctx.problem(node, k, f"{kp}.{k}", f"unknown key in rule{hint}")
+
+    # where the value comes from
+    getter: Evaluator | None = None
+    path_texts: list[str] = []
+    wants_components = bool(formats) and formats[0].components
+    for i, f in enumerate(formats):
+        if f.components and i > 0:
+            ctx.problem(
+                node, "format", f"{kp}.format", f"format {f.name} reads HL7 components: it must come first in the list"
+            )
+        for s in f.needs_settings:
+            if not getattr(ctx.settings, s):
+                ctx.problem(node, "format", f"{kp}.format", f"format {f.name} needs settings.{s}")
+    if "from" in node and "value" in node:
+        ctx.problem(node, "value", f"{kp}.value", "use either from: or value:, not both")
+    if "from" in node:
+        texts = _paths_of(node["from"])
+        if texts is None:
+            ctx.problem(node, "from", f"{kp}.from", "from must be an HL7 path or a list of paths")
+        else:
+            getter, path_texts = _compile_from(texts, node, kp, ctx, wants_components)
+    elif "value" in node:
+        if wants_components:
+            ctx.problem(
+                node,
+                "format",
+                f"{kp}.format",
+                f"format {formats[0].name} reads the components of an HL7 field: use from:",
+            )
+        getter = compile_literal(node["value"], node, "value", f"{kp}.value", ctx)
+        if isinstance(node["value"], str):
+            try:
+                path_texts = template_paths(node["value"])
+            except TemplateError:
+                pass
+    elif "default" not in node:
+        ctx.problem(parent, key, kp, "a rule needs from:, value: or default:")
+
+    default: Evaluator | None = None
+    if "default" in node:
+        d = node["default"]
+        if is_rule(d):  # a fallback rule: its own from/map/default
+            default = compile_rule(d, node, "default", f"{kp}.default", ctx)
+        elif isinstance(d, dict | list):
+            ctx.problem(node, "default", f"{kp}.default", "default must be a literal, a template or a rule")
+        else:
+            default = compile_literal(d, node, "default", f"{kp}.default", ctx)
+
+    required = node.get("required", False)
+    if not isinstance(required, bool):
+        ctx.problem(node, "required", f"{kp}.required", "required must be true or false")
+        required = False
+
+    tables = _compile_tables(node, kp, ctx)
+    on_missing = node.get("on_missing")
+    if on_missing is not None and on_missing not in ON_MISSING:
+        ctx.problem(node, "on_missing", f"{kp}.on_missing", f"on_missing must be one of {', '.join(ON_MISSING)}")
+    if on_missing is not None and "map" not in node and "table" not in node:
+        ctx.problem(node, "on_missing", f"{kp}.on_missing", "on_missing needs map: or table:")
+
+    when = None
+    if "when" in node:
+        try:
+            when, _ = parse_condition(node["when"], hp.compile_path, hp.is_list)
+        except ConditionError as exc:
+            ctx.problem(node, "when", f"{kp}.when", str(exc))
+
+    options: dict[str, list[tuple[str, Any]]] = {}
+    for f in formats:
+        for opt in sorted(f.options):
+            if opt in node:
+                texts = _paths_of(node[opt])
+                if texts is None:
+                    ctx.problem(node, opt, f"{kp}.{opt}", f"{opt} must be an HL7 path or a list of paths")
+                    continue
+                compiled = []
+                for t in texts:
+                    try:
+                        compiled.append((t, hp.compile_path(t)))
+                    except ValueError as exc:
+                        ctx.problem(node, opt, f"{kp}.{opt}", f"bad path {t!r}: {exc}")
+                options[opt] = compiled
+        if f.name == "study_uid" and ctx.settings.study_uid_policy == "accession_based" and "accession" not in node:
+            ctx.problem(
+                node,
+                "format",
+                f"{kp}.format",
+                "study_uid with study_uid_policy accession_based "
+                "needs accession: (where the accession number is, e.g. [IPC-1, OBR-18])",
+            )
+
+    if len(ctx.problems) > bad:
+        return None
+    if getter is None:
+        getter = lambda scope: ""  # noqa: E731 - only default: given
+    rc = RuleContext(target, source, path_texts, ctx.settings, options)
+    return _build_rule(rc, getter, formats, tables, on_missing, default, required, when)
+
+
+def _compile_from(
+    texts: list[str], node: Any, kp: str, ctx: CompileContext, components: bool
+) -> tuple[Evaluator | None, list[str]]:
+    getters: list[Evaluator] = []
+    for t in texts:
+        try:
+            path = hp.compile_path(t)
+        except ValueError as exc:
+            ctx.problem(node, "from", f"{kp}.from", f"bad path {t!r}: {exc}")
+            continue
+        many = hp.is_list(t)
+        if components and many and t.count("[*]") > 1:
+            ctx.problem(node, "from", f"{kp}.from", f"{t}: a components format takes at most one [*]")
+            continue
+        getters.append(_getter(t, path, many, components))
+    if len(getters) != len(texts):
+        return None, texts
+    if len(getters) == 1:
+        return getters[0], texts
+    if not components and not any(hp.is_list(t) for t in texts):
+        return _first_text(texts), texts
+    getters_t = tuple(getters)
+
+    def first(scope: Any) -> Any:
+        v: Any = ""
+        for g in getters_t:
+            v = g(scope)
+            if not is_empty(v):
+                return v
+        return v
+
+    return first, texts
+
+
+def _compile_tables(node: Any, kp: str, ctx: CompileContext) -> list[CodeTable]:
+    """`map:` (inline codes or one file) or `table:` (a file or a list applied in turn)."""
+    if "map" in node and "table" in node:
+        ctx.problem(node, "table", f"{kp}.table", "use either map: or table:, not both")
+        return []
+    if "map" in node:
+        m = node["map"]
+        if isinstance(m, dict):
+            if not m:
+                ctx.problem(node, "map", f"{kp}.map", "map is empty")
+                return []
+            return [inline_table(dict(m))]
+        if isinstance(m, str):
+            t = _table_file(m, node, "map", kp, ctx)
+            return [t] if t else []
+        ctx.problem(node, "map", f"{kp}.map", "map must be code: value pairs or a table file name")
+        return []
+    if "table" in node:
+        names = _paths_of(node["table"])
+        if names is None:
+            ctx.problem(node, "table", f"{kp}.table", "table must be a file name like priority.csv (or a list)")
+            return []
+        found = [_table_file(n, node, "table", kp, ctx) for n in names]
+        return [t for t in found if t is not None]
+    return []
+
+
+def _table_file(name: str, node: Any, key: str, kp: str, ctx: CompileContext) -> CodeTable | None:
+    if name in ctx.tables:
+        return ctx.tables[name]
+    if ctx.tables_dir is None:
+        ctx.problem(node, key, f"{kp}.{key}", f"no tables folder to find {name} in")
+        return None
+    path = ctx.tables_dir / name
+    if not path.is_file():
+        ctx.problem(node, key, f"{kp}.{key}", f"table file {name} not found in {ctx.tables_dir}")
+        return None
+    try:
+        table = load_csv_table(path)
+    except TableError as exc:
+        ctx.problem(node, key, f"{kp}.{key}", str(exc))
+        return None
+    ctx.tables[name] = table
+    return table
+
+
+def _build_rule(
+    rc: RuleContext,
+    get: Evaluator,
+    formats: list[Format],
+    tables: list[CodeTable],
+    on_missing: str | None,
+    default: Evaluator | None,
+    required: bool,
+    when: Callable[[Any], bool] | None,
+) -> Evaluator:
+    if not formats and not tables and default is None and not required and when is None:
+        return get  # the common case: a plain copy
+
+    funcs = tuple(f.func for f in formats)
+    single = funcs[0] if len(funcs) == 1 else None
+
+    def fmt(v: Any, scope: Any) -> Any:
+        try:
+            if single is not None and v.__class__ is not list:
+                return single(v, rc, scope)
+            for func in funcs:
+                if isinstance(v, list):
+                    v = [func(x, rc, scope) for x in v]
+                else:
+                    v = func(v, rc, scope)
+        except ProcessingError as exc:
+            if not exc.location:
+                exc.location = _value_location(rc, scope)
+            raise
+        return v
+
+    lookups = tuple(_lookup(rc, t, on_missing or ("default" if t.has_default else "error")) for t in tables)
+    fallback = default is not None or required
+
+    def rule(scope: Any) -> Any:
+        if when is not None and not when(scope):
+            return OMIT
+        v = get(scope)
+        if funcs:
+            v = fmt(v, scope)
+        for lookup in lookups:
+            if (not v and v.__class__ in FALSY_EMPTY) or (v.__class__ in CONTAINERS and is_empty(v)):
+                break
+            v = [lookup(x, scope) for x in v] if v.__class__ is list else lookup(v, scope)
+        if fallback and ((not v and v.__class__ in FALSY_EMPTY) or (v.__class__ in CONTAINERS and is_empty(v))):
+            if default is not None:
+                v = default(scope)
+                if v is OMIT:
+                    v = ""
+            if required and ((not v and v.__class__ in FALSY_EMPTY) or (v.__class__ in CONTAINERS and is_empty(v))):
+                rc.fail(REQUIRED_FIELD_MISSING, "required field missing", location=location_for(rc.paths, scope))
+        return v
+
+    return rule
+
+
+def _value_location(rc: RuleContext, scope: Any) -> str:
+    """The path that supplied the value (first non-empty), for an error in a format."""
+    for text in rc.paths:
+        try:
+            if scope.get(hp.compile_path(text)):
+                return text
+        except Exception:  # noqa: BLE001 - best effort
+            break
+    return location_for(rc.paths, scope)
+
+
+def _lookup(rc: RuleContext, table: CodeTable, on_missing: str) -> Callable[[Any, Any], Any]:
+    entries = table.entries
+    default = table.default if table.default is not None else ""
+
+    def lookup(v: Any, scope: Any) -> Any:
+        if is_empty(v):
+            return v
+        r = entries.get(v if isinstance(v, str) else str(v), _MISSING)
+        if r is not _MISSING:
+            return r
+        if on_missing == "keep":
+            return v
+        if on_missing == "default":
+            return default
+        rc.fail(TABLE_VALUE_NOT_FOUND, f"code not in table {table.name}", location=_value_location(rc, scope))
+
+    return lookup
