@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 MESSAGES = Message.__table__  # type: ignore[attr-defined]
 DELIVERIES = Delivery.__table__  # type: ignore[attr-defined]
+# built once: SQLAlchemy caches its compiled form; many rows go out as one multi-row INSERT
+INSERT_RETURNING_ID = insert(MESSAGES).returning(MESSAGES.c.id, sort_by_parameter_order=True)
 
 
 @dataclass
@@ -91,6 +93,7 @@ class Writer:
         self.dedupe_window = dedupe_window
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._conn: Connection | None = None
         self.batches = 0
         self.units = 0
 
@@ -103,6 +106,9 @@ class Writer:
             self._queue.put(None)
             self._thread.join(timeout=30)
             self._thread = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     async def submit(self, unit: WorkUnit) -> UnitResult:
         loop = asyncio.get_running_loop()
@@ -142,14 +148,22 @@ class Writer:
                 batch.append(nxt)
             self._commit(batch)
 
+    def _connection(self) -> Connection:
+        """The writer's own connection, kept for its lifetime (no pool round trip per group)."""
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            self._conn = self.engine.connect()
+        return self._conn
+
     def _commit(self, batch: list[_Pending]) -> None:
-        results: list[UnitResult] = []
         try:
-            with self.engine.begin() as conn:
-                for pending in batch:
-                    results.append(self._apply(conn, pending.unit))
+            conn = self._connection()
+            with conn.begin():
+                results = self._apply_batch(conn, [p.unit for p in batch])
         except BaseException as exc:  # the commit itself failed: nobody gets an answer
             log.exception("store commit failed for a group of %d messages", len(batch))
+            if self._conn is not None:
+                self._conn.invalidate()
+                self._conn = None
             for pending in batch:
                 pending.done(exc)
             return
@@ -158,28 +172,99 @@ class Writer:
         for pending, result in zip(batch, results, strict=True):
             pending.done(result)
 
-    def _apply(self, conn: Connection, unit: WorkUnit) -> UnitResult:
-        digest = body_hash(unit.raw)
-        flags = ""
-        if unit.dedupe and unit.control_id and unit.error is None:
-            prior = self._find_prior(conn, unit)
-            if prior is not None:
-                if prior.body_hash == digest and prior.status != MessageStatus.ERROR:
-                    mid = self._insert_message(
-                        conn, unit, digest, MessageStatus.DUPLICATE, prior.ack, None, f"resend-of:{prior.id}"
-                    )
-                    return UnitResult(mid, MessageStatus.DUPLICATE, prior.ack, duplicate_of=prior.id)
-                if prior.body_hash != digest:
-                    flags = "control-id-reused"
-        if unit.error is not None:
-            return self._store_error(conn, unit, digest, unit.error, flags)
-        if unit.effects is None:  # nothing can fail after the insert: answer first, one statement
-            answer = unit.answer(unit.status, None) if unit.answer else ""
-            mid = self._insert_message(conn, unit, digest, unit.status, answer, None, flags)
-            return UnitResult(mid, unit.status, answer, flags=flags)
+    def _apply_batch(self, conn: Connection, units: list[WorkUnit]) -> list[UnitResult]:
+        """Rows that need no id before their effects are inserted together, in order."""
+        priors = self._load_priors(conn, units)
+        bulk: list[tuple[dict[str, Any], UnitResult]] = []
+        seen: dict[tuple[str, str, str], tuple[str, UnitResult]] = {}
+        results: list[UnitResult] = []
+
+        def flush() -> None:
+            if bulk:
+                rows = conn.execute(INSERT_RETURNING_ID, [values for values, _ in bulk]).all()
+                for (_, result), row in zip(bulk, rows, strict=True):
+                    result.message_id = int(row[0])
+                bulk.clear()
+
+        for unit in units:
+            digest = body_hash(unit.raw)
+            flags = ""
+            key = (unit.channel, unit.sender, unit.control_id)
+            check = unit.dedupe and bool(unit.control_id) and unit.error is None
+            if check:
+                prior = self._prior(key, seen, priors)
+                if prior is not None:
+                    prior_hash, prior_id, prior_ack, prior_status = prior
+                    if prior_hash == digest and prior_status != MessageStatus.ERROR:
+                        if prior_id == 0:  # the original is in this group, not yet inserted
+                            flush()
+                            prior_hash, prior_id, prior_ack, prior_status = self._prior(key, seen, priors)  # type: ignore[misc]
+                        result = UnitResult(0, MessageStatus.DUPLICATE, prior_ack, duplicate_of=prior_id)
+                        bulk.append((self._values(unit, digest, MessageStatus.DUPLICATE, prior_ack, None,
+                                                  f"resend-of:{prior_id}"), result))
+                        results.append(result)
+                        continue
+                    if prior_hash != digest:
+                        flags = "control-id-reused"
+            if unit.error is not None or unit.effects is None:
+                status = MessageStatus.ERROR if unit.error is not None else unit.status
+                answer = unit.answer(status, unit.error) if unit.answer else ""
+                result = UnitResult(0, status, answer, error=unit.error, flags=flags)
+                bulk.append((self._values(unit, digest, status, answer, unit.error, flags), result))
+            else:
+                flush()  # keep ids in arrival order
+                result = self._apply_effects(conn, unit, digest, flags)
+            results.append(result)
+            if check:
+                seen[key] = (digest, result)
+        flush()
+        return results
+
+    @staticmethod
+    def _prior(
+        key: tuple[str, str, str],
+        seen: dict[tuple[str, str, str], tuple[str, UnitResult]],
+        priors: dict[tuple[str, str, str], Any],
+    ) -> tuple[str, int, str, str] | None:
+        if key in seen:
+            digest, result = seen[key]
+            return digest, result.message_id, result.answer, result.status
+        row = priors.get(key)
+        return (row.body_hash, row.id, row.ack, row.status) if row is not None else None
+
+    def _load_priors(self, conn: Connection, units: list[WorkUnit]) -> dict[tuple[str, str, str], Any]:
+        """The latest earlier message for each (channel, sender, control id) in the group: one query."""
+        wanted: dict[str, set[str]] = {}
+        oldest = None
+        for u in units:
+            if u.dedupe and u.control_id and u.error is None:
+                wanted.setdefault(u.channel, set()).add(u.control_id)
+                oldest = u.received_at if oldest is None or u.received_at < oldest else oldest
+        found: dict[tuple[str, str, str], Any] = {}
+        if oldest is None:
+            return found
+        since = oldest - self.dedupe_window
+        for channel, control_ids in wanted.items():
+            stmt = (
+                select(MESSAGES.c.id, MESSAGES.c.sender, MESSAGES.c.control_id, MESSAGES.c.body_hash,
+                       MESSAGES.c.ack, MESSAGES.c.status)
+                .where(
+                    MESSAGES.c.channel == channel,
+                    MESSAGES.c.control_id.in_(sorted(control_ids)),
+                    MESSAGES.c.received_at >= since,
+                    MESSAGES.c.status != MessageStatus.DUPLICATE,
+                )
+                .order_by(MESSAGES.c.id)
+            )
+            for row in conn.execute(stmt):
+                found[(channel, row.sender, row.control_id)] = row  # the last one wins
+        return found
+
+    def _apply_effects(self, conn: Connection, unit: WorkUnit, digest: str, flags: str) -> UnitResult:
+        assert unit.effects is not None
         savepoint = conn.begin_nested()
         try:
-            mid = self._insert_message(conn, unit, digest, unit.status, "", None, flags)
+            mid = self._insert(conn, self._values(unit, digest, unit.status, "", None, flags))
             payloads = unit.effects(conn, mid)
             if payloads:
                 now = utcnow()
@@ -222,36 +307,18 @@ class Writer:
         self, conn: Connection, unit: WorkUnit, digest: str, exc: ProcessingError, flags: str
     ) -> UnitResult:
         answer = unit.answer(MessageStatus.ERROR, exc) if unit.answer else ""
-        mid = self._insert_message(conn, unit, digest, MessageStatus.ERROR, answer, exc, flags)
+        mid = self._insert(conn, self._values(unit, digest, MessageStatus.ERROR, answer, exc, flags))
         return UnitResult(mid, MessageStatus.ERROR, answer, error=exc, flags=flags)
 
-    def _find_prior(self, conn: Connection, unit: WorkUnit) -> Any:
-        since = unit.received_at - self.dedupe_window
-        stmt = (
-            select(MESSAGES.c.id, MESSAGES.c.body_hash, MESSAGES.c.ack, MESSAGES.c.status)
-            .where(
-                MESSAGES.c.channel == unit.channel,
-                MESSAGES.c.sender == unit.sender,
-                MESSAGES.c.control_id == unit.control_id,
-                MESSAGES.c.received_at >= since,
-                MESSAGES.c.status != MessageStatus.DUPLICATE,
-            )
-            .order_by(MESSAGES.c.id.desc())
-            .limit(1)
-        )
-        return conn.execute(stmt).first()
+    @staticmethod
+    def _insert(conn: Connection, values: dict[str, Any]) -> int:
+        return int(conn.execute(INSERT_RETURNING_ID, [values]).scalar_one())
 
-    def _insert_message(
-        self,
-        conn: Connection,
-        unit: WorkUnit,
-        digest: str,
-        status: str,
-        answer: str,
-        exc: ProcessingError | None,
-        flags: str,
-    ) -> int:
-        values = {
+    @staticmethod
+    def _values(
+        unit: WorkUnit, digest: str, status: str, answer: str, exc: ProcessingError | None, flags: str
+    ) -> dict[str, Any]:
+        return {
             "channel": unit.channel,
             "sender": unit.sender[:400],
             "control_id": unit.control_id[:200],
@@ -269,8 +336,6 @@ class Writer:
             "ack": answer,
             "replay_of": unit.replay_of,
         }
-        result = conn.execute(insert(MESSAGES).values(**values))
-        return int(result.inserted_primary_key[0])  # type: ignore[index]
 
 
 def _settle(fut: asyncio.Future[UnitResult], result: UnitResult | BaseException) -> None:
