@@ -114,6 +114,11 @@ class WorklistSCP:
             return
         try:
             identifier = event.identifier
+        except Exception:  # undecodable dataset
+            log.warning("C-FIND from %s: identifier cannot be decoded", caller)
+            yield IDENTIFIER_DOES_NOT_MATCH, None
+            return
+        try:
             answers = find(self.db_engine, identifier, caller_aet=caller, station_from_caller=self.station_from_caller)
             count = 0
             for answer in answers:
