@@ -17,6 +17,8 @@ import difflib
 from typing import Any
 
 from engine.configfile import Problem
+from engine.mapping import paths as hp
+from engine.mapping.conditions import ConditionError, parse_condition
 from engine.mapping.context import (
     CONTAINERS,
     FALSY_EMPTY,
@@ -121,7 +123,11 @@ def _compile_list(node: list, kp: str, ctx: CompileContext, *, dicom: bool) -> E
     parts: list[tuple[bool, Evaluator]] = []  # (is_object, evaluator)
     for i, item in enumerate(node):
         ikp = f"{kp}[{i}]"
-        if is_rule(item):
+        if isinstance(item, dict) and "for_each" in item:
+            ev = _compile_repeat(item, node, i, ikp, ctx, dicom=dicom)
+            if ev is not None:
+                parts.append((False, ev))
+        elif is_rule(item):
             ev = compile_rule(item, node, i, ikp, ctx)
             if ev is not None:
                 parts.append((False, ev))
@@ -150,6 +156,40 @@ def _compile_list(node: list, kp: str, ctx: CompileContext, *, dicom: bool) -> E
         return out
 
     return build
+
+
+def _compile_repeat(item: dict, parent: list, i: int, kp: str, ctx: CompileContext, *, dicom: bool) -> Evaluator | None:
+    """`- {for_each: OBSERVATION, when: ..., fields: {...}}`: one list item per group in the scope."""
+    bad = len(ctx.problems)
+    for key in item:
+        if key not in ("for_each", "when", "fields"):
+            ctx.problem(item, key, f"{kp}.{key}", "unknown key (a repeated item has for_each, when, fields)")
+    kind = item.get("for_each")
+    if kind not in ("ORDER", "OBSERVATION"):
+        ctx.problem(item, "for_each", f"{kp}.for_each", "for_each must be ORDER or OBSERVATION")
+    when = None
+    if "when" in item:
+        try:
+            when, _ = parse_condition(item["when"], hp.compile_path, hp.is_list)
+        except ConditionError as exc:
+            ctx.problem(item, "when", f"{kp}.when", str(exc))
+    fields = item.get("fields")
+    if not isinstance(fields, dict) or not fields:
+        ctx.problem(parent, i, kp, "a repeated item needs fields: (the targets of each item)")
+        return None
+    build = _compile_object(fields, f"{kp}.fields", ctx, dicom=dicom)
+    if len(ctx.problems) > bad:
+        return None
+
+    def repeat(scope: Scope) -> list[Any]:
+        out = []
+        for group in scope.view.groups(kind):
+            inner = Scope(group, scope.msg, scope.text, scope.top_memo)
+            if when is None or when(inner):
+                out.append(build(inner))
+        return out
+
+    return repeat
 
 
 def _check_keyword(node: Any, key: str, kp: str, ctx: CompileContext) -> None:

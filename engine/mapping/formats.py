@@ -36,6 +36,7 @@ class Format:
     options: frozenset[str] = frozenset()  # extra rule keys this format reads (HL7 paths)
     needs_settings: tuple[str, ...] = ()  # settings that must be present when this format is used
     doc: str = ""
+    whole: bool = False  # takes a list (from a [*] path) as one value instead of item by item
 
 
 @dataclass
@@ -45,12 +46,17 @@ class FormatRegistry:
     formats: dict[str, Format] = field(default_factory=dict)
 
     def register(
-        self, name: str, *, components: bool = False, options: Iterable[str] = (), needs_settings: Iterable[str] = ()
+        self,
+        name: str,
+        *,
+        components: bool = False,
+        options: Iterable[str] = (),
+        needs_settings: Iterable[str] = (),
+        whole: bool = False,
     ) -> Callable[[FormatFunc], FormatFunc]:
         def deco(func: FormatFunc) -> FormatFunc:
-            self.formats[name] = Format(
-                name, func, components, frozenset(options), tuple(needs_settings), (func.__doc__ or "").strip()
-            )
+            doc = (func.__doc__ or "").strip()
+            self.formats[name] = Format(name, func, components, frozenset(options), tuple(needs_settings), doc, whole)
             return func
 
         return deco
@@ -78,6 +84,14 @@ def _upper(value: Any, rule: RuleContext, scope: Any) -> Any:
 def _trim(value: Any, rule: RuleContext, scope: Any) -> Any:
     """Strip surrounding white space."""
     return value.strip() if isinstance(value, str) else value
+
+
+@FORMATS.register("join_lines", whole=True)
+def _join_lines(value: Any, rule: RuleContext, scope: Any) -> Any:
+    """Join the values of a repeating path (e.g. "OBX[*]-5" report lines) with newlines."""
+    if isinstance(value, list):
+        return "\n".join(str(v) for v in value if v)
+    return value
 
 
 # ---------------------------------------------------------------- dates and times
@@ -325,9 +339,9 @@ def fhir_system(name: str, local: str) -> str:
         return FHIR_SYSTEMS[name]
     if re.fullmatch(r"HL7\d{4}", name):
         return f"http://terminology.hl7.org/CodeSystem/v2-{name[3:]}"
-    if not name or name == "L" or name.startswith("99"):
-        return local
-    return f"urn:hl7v2:{name}" if not local else local
+    if not name or name in ("L", "LOCAL") or name.startswith("99"):
+        return local  # settings.local_code_system, or no system at all
+    return f"urn:hl7v2:{name}"  # keeps the sender's coding system visible
 
 
 @FORMATS.register("cwe_to_codeable_concept", components=True)

@@ -56,15 +56,14 @@ def _first_text(texts: list[str]) -> Evaluator:
     specs = tuple((t, *_path_spec(t)) for t in texts)
 
     def first(scope: Scope) -> str:
+        text = scope.text
         for key, marker, top, path in specs:
+            if marker and marker not in text:
+                continue  # the message has no such segment
             memo = scope.top_memo if top else scope.memo
             v = memo.get(key)
             if v is None:
-                if marker and marker not in scope.text:
-                    v = ""
-                else:
-                    v = (scope.msg if top else scope.view).get(path)
-                memo[key] = v
+                v = memo[key] = (scope.msg if top else scope.view).get(path)
             if v:
                 return v
         return ""
@@ -111,14 +110,12 @@ def _getter(text: str, path: Any, many: bool, components: bool) -> Evaluator:
             return get_all
 
         def get(scope: Scope) -> Any:
+            if marker and marker not in scope.text:
+                return ""
             memo = scope.top_memo if top else scope.memo
             v = memo.get(text)
             if v is None:
-                if marker and marker not in scope.text:
-                    v = ""
-                else:
-                    v = (scope.msg if top else scope.view).get(path)
-                memo[text] = v
+                v = memo[text] = (scope.msg if top else scope.view).get(path)
             return v
 
         return get

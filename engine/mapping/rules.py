@@ -304,15 +304,15 @@ def _build_rule(
     if not formats and not tables and default is None and not required and when is None:
         return get  # the common case: a plain copy
 
-    funcs = tuple(f.func for f in formats)
-    single = funcs[0] if len(funcs) == 1 else None
+    funcs = tuple((f.func, f.whole) for f in formats)
+    single = formats[0].func if len(formats) == 1 and not formats[0].whole else None
 
     def fmt(v: Any, scope: Any) -> Any:
         try:
             if single is not None and v.__class__ is not list:
                 return single(v, rc, scope)
-            for func in funcs:
-                if isinstance(v, list):
+            for func, whole in funcs:
+                if v.__class__ is list and not whole:
                     v = [func(x, rc, scope) for x in v]
                 else:
                     v = func(v, rc, scope)

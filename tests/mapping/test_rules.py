@@ -231,3 +231,56 @@ def test_format_chain(mapping, msg):
 
 def test_orm_fixture_is_well_formed(msg):
     assert msg.message_type == "ORM^O01"
+
+
+ORU = "\r".join(
+    [
+        "MSH|^~\\&|RIS|RAD|ENGINE|HOSP|20261125120000||ORU^R01|C3|P|2.5.1",
+        "PID|1||100234^^^HOSP^MR",
+        "OBR|1||FL1|CTHEAD^CT Head^LOCAL",
+        "OBX|1|TX|REP^Report^LOCAL||CT head:",
+        "OBX|2|TX|REP^Report^LOCAL||No acute findings.",
+        "OBX|3|CE|IMP^Impression^LOCAL||NORMAL^Normal^LOCAL",
+    ]
+)
+
+
+def test_repeated_items_per_group_and_joined_lines(mapping):
+    m = mapping(
+        """
+        resourceType: DiagnosticReport
+        text: {from: "OBX[*]-5", format: join_lines}
+        result:
+          - for_each: OBSERVATION
+            when: OBX-2 != TX
+            fields:
+              code: {from: OBX-3, format: cwe_to_codeable_concept}
+              value: {from: OBX-5.2}
+        """,
+        output="fhir",
+    )
+    (out,) = m.run(Message.parse(ORU))
+    assert out["text"] == "CT head:\nNo acute findings.\nNORMAL^Normal^LOCAL"
+    assert out["result"] == [
+        {"code": {"coding": [{"code": "IMP", "display": "Impression"}], "text": "Impression"}, "value": "Normal"}
+    ]
+
+
+def test_repeated_item_problems_are_reported(write_mapping):
+    from engine.mapping import MappingConfigError, load_mapping
+
+    text = """
+    name: x
+    input: hl7v2
+    output: json
+    fields:
+      result:
+        - for_each: VISIT
+          colour: red
+          fields: {a: {from: OBX-5}}
+        - for_each: OBSERVATION
+    """
+    with pytest.raises(MappingConfigError) as err:
+        load_mapping(write_mapping(text))
+    keys = {p.key for p in err.value.problems}
+    assert {"fields.result[0].for_each", "fields.result[0].colour", "fields.result[1]"} <= keys
