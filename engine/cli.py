@@ -77,7 +77,8 @@ def run(config: ConfigOpt = DEFAULT_CONFIG) -> None:
     """Start every enabled channel, the DICOM worklist SCP and the scheduled jobs."""
     loaded = _load(config)
     logging.basicConfig(level=loaded.engine.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    for noisy in ("pynetdicom", "apscheduler"):  # pynetdicom logs identifiers (PHI) at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from engine.runtime.app import EngineApp, default_registry
 
     async def main() -> None:

@@ -30,7 +30,7 @@ class DeliveryState(StrEnum):
 class Message(SQLModel, table=True):
     __tablename__ = "messages"
     __table_args__ = (
-        Index("ix_messages_dedupe", "channel", "sender", "control_id"),
+        Index("ix_messages_dedupe", "channel", "control_id"),
         Index("ix_messages_channel_received", "channel", "received_at"),
     )
 
