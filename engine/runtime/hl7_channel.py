@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy.engine import Connection
 
 from engine.errors import UNSUPPORTED_MESSAGE_TYPE, ProcessingError
-from engine.hl7.ack import build_ack, build_ack_from_raw
+from engine.hl7.ack import ack_mode, build_ack, build_ack_from_raw, should_send
 from engine.hl7.er7 import Message
 from engine.hl7.validate import validate_structure
 from engine.runtime.config import ChannelSpec
@@ -147,18 +147,21 @@ class HL7Channel:
 
     # -- answers -----------------------------------------------------------------------------
     def _answer(self, msg: Message) -> Callable[[str, ProcessingError | None], str]:
+        """Original mode: AA/AE/AR. Enhanced mode (MSH-15/16 set): the commit ACK (CA/CE/CR) when
+        MSH-15 asks for one; otherwise the application ACK when MSH-16 asks for one, on the same
+        connection (the engine's application work is done by commit time); otherwise nothing."""
+        mode = ack_mode(msg)
+
         def answer(status: str, error: ProcessingError | None) -> str:
-            enhanced = bool(msg.accept_ack_type or msg.application_ack_type)
-            if error is None:
-                code = "CA" if enhanced else "AA"
-                if enhanced and msg.accept_ack_type in ("NE", "ER"):
-                    return ""
-                return build_ack(msg, code)
-            if enhanced:
-                if msg.accept_ack_type in ("NE", "SU"):
-                    return ""
-                return build_ack(msg, "CR" if error.ack_code == "AR" else "CE", error)
-            return build_ack(msg, error.ack_code, error)
+            ok = error is None
+            if mode.original:
+                return build_ack(msg, "AA" if error is None else error.ack_code, error)
+            if should_send(mode.commit, ok):
+                code = "CA" if error is None else ("CR" if error.ack_code == "AR" else "CE")
+                return build_ack(msg, code, error)
+            if should_send(mode.application, ok):
+                return build_ack(msg, "AA" if error is None else error.ack_code, error)
+            return ""
 
         return answer
 
