@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -84,3 +88,64 @@ async def running_engine(tmp_path: Path) -> AsyncIterator[object]:
         yield app
     finally:
         await app.stop()
+
+
+class EngineProcess:
+    """`engine run` in a subprocess with the shipped configuration on free ports."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.orders_port, self.results_port, self.dicom_port = free_port(), free_port(), free_port()
+        self.env = engine_env(tmp_path)
+        self.env.update({
+            "ORDERS_MLLP_PORT": str(self.orders_port),
+            "RESULTS_MLLP_PORT": str(self.results_port),
+            "DICOM_PORT": str(self.dicom_port),
+            "ENGINE_LOG_LEVEL": "WARNING",
+        })
+        self.log = tmp_path / "engine.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:  # a file, not a pipe: a full pipe would stall the engine
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "engine", "run", "-c", str(ROOT / "engine.yaml")],
+                env=self.env, stdout=out, stderr=out,
+            )
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.results_port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(self.log.read_text(errors="replace")) from None
+                time.sleep(0.1)
+        raise RuntimeError("engine did not start")
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "engine", *args], env=self.env, capture_output=True,
+                                text=True, timeout=120, cwd=ROOT)
+        if check and result.returncode != 0:
+            shown = " ".join(args)
+            raise AssertionError(f"engine {shown} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def engine_process(tmp_path: Path) -> Iterator[EngineProcess]:
+    proc = EngineProcess(tmp_path)
+    try:
+        yield proc
+    finally:
+        proc.stop()
