@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,7 +22,8 @@ from engine.configfile import ConfigError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Imaging integration engine (HL7, FHIR, DICOM).")
 messages_app = typer.Typer(help="Stored messages: list, show, replay.")
 app.add_typer(messages_app, name="messages")
-console = Console()
+# piped output (scripts, `| less`) gets wide tables instead of rich's 80-column default
+console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="engine.yaml to use", envvar="ENGINE_CONFIG")]
@@ -221,9 +222,10 @@ def _when(text: str | None) -> datetime | None:
     if not text:
         return None
     try:
-        return datetime.fromisoformat(text)
+        when = datetime.fromisoformat(text)
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not a date (use 2026-11-25 or 2026-11-25T10:00)") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 @messages_app.callback(invoke_without_command=True)

@@ -207,14 +207,14 @@ def _load_channel(
                 problems.append(doc.problem(("destinations", i, "name"), f"destination name {dest.name!r} repeats"))
             names.add(dest.name)
             destinations.append(dest)
-    if cfg is None or source is None:
+    if cfg is None:
         return None, problems
     spec = ChannelSpec(config=cfg, source=source, destinations=destinations, file=file)  # type: ignore[arg-type]
     if load_mappings and cfg.mappings:
         _load_channel_mappings(doc, spec, base / engine_cfg.mappings_dir, base, problems)
     if cfg.filter.when:
         _compile_filters(doc, spec, problems)
-    return spec, problems
+    return (spec if source is not None else None), problems
 
 
 def _component(
