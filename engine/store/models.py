@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from sqlalchemy import Column, Index, LargeBinary, Text
+from sqlalchemy import Column, Index, LargeBinary, Text, text
 from sqlmodel import Field, SQLModel
 
 
@@ -30,21 +30,25 @@ class DeliveryState(StrEnum):
 class Message(SQLModel, table=True):
     __tablename__ = "messages"
     __table_args__ = (
+        # every index is a page written per message: only those queries need
         Index("ix_messages_dedupe", "channel", "control_id"),
         Index("ix_messages_channel_received", "channel", "received_at"),
+        Index("ix_messages_patient", "patient_id"),
+        Index("ix_messages_errors", "id", sqlite_where=text("status = 'error'"),
+              postgresql_where=text("status = 'error'")),
     )
 
     id: int | None = Field(default=None, primary_key=True)
     channel: str = Field(max_length=100)
     sender: str = Field(default="", max_length=400)  # MSH-3|MSH-4 (or client address)
-    control_id: str = Field(default="", max_length=200, index=True)
-    message_type: str = Field(default="", max_length=40, index=True)
-    patient_id: str = Field(default="", max_length=200, index=True)
+    control_id: str = Field(default="", max_length=200)
+    message_type: str = Field(default="", max_length=40)
+    patient_id: str = Field(default="", max_length=200)
     body_hash: str = Field(default="", max_length=64)
     raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
-    received_at: datetime = Field(default_factory=utcnow, index=True)
+    received_at: datetime = Field(default_factory=utcnow)
     processed_at: datetime | None = None
-    status: str = Field(default=MessageStatus.PROCESSED, max_length=20, index=True)
+    status: str = Field(default=MessageStatus.PROCESSED, max_length=20)
     flags: str = Field(default="", max_length=200)  # e.g. "control-id-reused"
     error: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
     error_code: int | None = None

@@ -20,18 +20,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, insert
 from sqlalchemy.engine import Connection
 
 from engine.errors import APPLICATION_INTERNAL_ERROR, ProcessingError
+from engine.store.fastsql import RawInsert, marker, raw_select
 from engine.store.models import Delivery, Message, MessageStatus, utcnow
 
 log = logging.getLogger(__name__)
 
 MESSAGES = Message.__table__  # type: ignore[attr-defined]
 DELIVERIES = Delivery.__table__  # type: ignore[attr-defined]
-# built once: SQLAlchemy caches its compiled form; many rows go out as one multi-row INSERT
-INSERT_RETURNING_ID = insert(MESSAGES).returning(MESSAGES.c.id, sort_by_parameter_order=True)
 
 
 @dataclass
@@ -61,6 +60,14 @@ class WorkUnit:
     answer: Callable[[str, ProcessingError | None], str] | None = None
     dedupe: bool = True
     replay_of: int | None = None
+
+
+@dataclass
+class _Prior:
+    id: int
+    body_hash: str
+    ack: str
+    status: str
 
 
 @dataclass
@@ -94,6 +101,11 @@ class Writer:
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._conn: Connection | None = None
+        dialect = engine.dialect
+        self._raw_insert = RawInsert(MESSAGES, dialect)
+        self._mark = marker(dialect)
+        processor = MESSAGES.c.received_at.type.bind_processor(dialect)
+        self._received_at_param: Callable[[datetime], Any] = processor or (lambda v: v)
         self.batches = 0
         self.units = 0
 
@@ -181,9 +193,9 @@ class Writer:
 
         def flush() -> None:
             if bulk:
-                rows = conn.execute(INSERT_RETURNING_ID, [values for values, _ in bulk]).all()
-                for (_, result), row in zip(bulk, rows, strict=True):
-                    result.message_id = int(row[0])
+                ids = self._raw_insert.execute(conn, (values for values, _ in bulk))
+                for (_, result), mid in zip(bulk, ids, strict=True):
+                    result.message_id = mid
                 bulk.clear()
 
         for unit in units:
@@ -232,7 +244,7 @@ class Writer:
         row = priors.get(key)
         return (row.body_hash, row.id, row.ack, row.status) if row is not None else None
 
-    def _load_priors(self, conn: Connection, units: list[WorkUnit]) -> dict[tuple[str, str, str], Any]:
+    def _load_priors(self, conn: Connection, units: list[WorkUnit]) -> dict[tuple[str, str, str], _Prior]:
         """The latest earlier message for each (channel, sender, control id) in the group: one query."""
         wanted: dict[str, set[str]] = {}
         oldest = None
@@ -240,24 +252,20 @@ class Writer:
             if u.dedupe and u.control_id and u.error is None:
                 wanted.setdefault(u.channel, set()).add(u.control_id)
                 oldest = u.received_at if oldest is None or u.received_at < oldest else oldest
-        found: dict[tuple[str, str, str], Any] = {}
+        found: dict[tuple[str, str, str], _Prior] = {}
         if oldest is None:
             return found
-        since = oldest - self.dedupe_window
+        since = self._received_at_param(oldest - self.dedupe_window)
+        mark = self._mark
         for channel, control_ids in wanted.items():
-            stmt = (
-                select(MESSAGES.c.id, MESSAGES.c.sender, MESSAGES.c.control_id, MESSAGES.c.body_hash,
-                       MESSAGES.c.ack, MESSAGES.c.status)
-                .where(
-                    MESSAGES.c.channel == channel,
-                    MESSAGES.c.control_id.in_(sorted(control_ids)),
-                    MESSAGES.c.received_at >= since,
-                    MESSAGES.c.status != MessageStatus.DUPLICATE,
-                )
-                .order_by(MESSAGES.c.id)
+            ids = sorted(control_ids)
+            sql = (
+                "SELECT id, sender, control_id, body_hash, ack, status FROM messages"
+                f" WHERE channel = {mark} AND control_id IN ({', '.join([mark] * len(ids))})"
+                f" AND received_at >= {mark} AND status != {mark} ORDER BY id"
             )
-            for row in conn.execute(stmt):
-                found[(channel, row.sender, row.control_id)] = row  # the last one wins
+            for row in raw_select(conn, sql, [channel, *ids, since, MessageStatus.DUPLICATE.value]):
+                found[(channel, row[1], row[2])] = _Prior(row[0], row[3], row[4], row[5])  # the last one wins
         return found
 
     def _apply_effects(self, conn: Connection, unit: WorkUnit, digest: str, flags: str) -> UnitResult:
@@ -310,9 +318,8 @@ class Writer:
         mid = self._insert(conn, self._values(unit, digest, MessageStatus.ERROR, answer, exc, flags))
         return UnitResult(mid, MessageStatus.ERROR, answer, error=exc, flags=flags)
 
-    @staticmethod
-    def _insert(conn: Connection, values: dict[str, Any]) -> int:
-        return int(conn.execute(INSERT_RETURNING_ID, [values]).scalar_one())
+    def _insert(self, conn: Connection, values: dict[str, Any]) -> int:
+        return self._raw_insert.execute(conn, [values])[0]
 
     @staticmethod
     def _values(
