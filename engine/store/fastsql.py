@@ -25,7 +25,7 @@ class RawInsert:
         names = ", ".join(self.columns)
         self.sql = f"INSERT INTO {table.name} ({names}) VALUES ({', '.join([mark] * len(self.columns))}) RETURNING id"
         self.processors: list[Callable[[Any], Any] | None] = [
-            table.c[name].type.bind_processor(dialect) for name in self.columns
+            table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in self.columns
         ]
 
     def params(self, values: dict[str, Any]) -> tuple[Any, ...]:

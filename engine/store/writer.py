@@ -104,8 +104,8 @@ class Writer:
         dialect = engine.dialect
         self._raw_insert = RawInsert(MESSAGES, dialect)
         self._mark = marker(dialect)
-        processor = MESSAGES.c.received_at.type.bind_processor(dialect)
-        self._received_at_param: Callable[[datetime], Any] = processor or (lambda v: v)
+        processor = MESSAGES.c.received_at.type.dialect_impl(dialect).bind_processor(dialect)
+        self._stored_time: Callable[[datetime], Any] = processor or (lambda v: v)
         self.batches = 0
         self.units = 0
 
@@ -255,16 +255,20 @@ class Writer:
         found: dict[tuple[str, str, str], _Prior] = {}
         if oldest is None:
             return found
-        since = self._received_at_param(oldest - self.dedupe_window)
+        # compared as stored: ISO text on SQLite (sortable), timestamps on PostgreSQL
+        since = self._stored_time(oldest - self.dedupe_window)
         mark = self._mark
         for channel, control_ids in wanted.items():
             ids = sorted(control_ids)
+            # only (channel, control_id) in SQL, so every database uses the dedupe index; a
+            # time condition there lets SQLite pick the channel+time index and scan a week
             sql = (
-                "SELECT id, sender, control_id, body_hash, ack, status FROM messages"
-                f" WHERE channel = {mark} AND control_id IN ({', '.join([mark] * len(ids))})"
-                f" AND received_at >= {mark} AND status != {mark} ORDER BY id"
+                "SELECT id, sender, control_id, body_hash, ack, status, received_at FROM messages"
+                f" WHERE channel = {mark} AND control_id IN ({', '.join([mark] * len(ids))}) ORDER BY id"
             )
-            for row in raw_select(conn, sql, [channel, *ids, since, MessageStatus.DUPLICATE.value]):
+            for row in raw_select(conn, sql, [channel, *ids]):
+                if row[5] == MessageStatus.DUPLICATE or row[6] < since:
+                    continue
                 found[(channel, row[1], row[2])] = _Prior(row[0], row[3], row[4], row[5])  # the last one wins
         return found
 
