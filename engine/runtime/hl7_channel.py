@@ -26,7 +26,7 @@ from engine.runtime.destinations.base import (
     QueuedDestination,
 )
 from engine.store.models import MessageStatus, utcnow
-from engine.store.writer import QueuedPayload, UnitResult, WorkUnit, Writer
+from engine.store.writer import QueuedPayload, UnitResult, WorkUnit, Writer, body_hash
 
 log = logging.getLogger(__name__)
 
@@ -84,19 +84,22 @@ class HL7Channel:
             patient_id=msg.get("PID-3.1"),
             sender=f"{msg.sending_application}|{msg.sending_facility}",
             dedupe=self.cfg.dedupe.enabled,
+            body_hash=body_hash(raw),
         )
         unit.answer = self._answer(msg)
         try:
             self._check(msg)
-            if not self._passes_filter(msg):
+            if self._passes_filter(msg):
+                unit.effects = self._effects(msg, raw, received_at)
+            else:
                 unit.status = MessageStatus.FILTERED
-                return unit, encoding
-            unit.effects = self._effects(msg, raw, received_at)
         except ProcessingError as exc:
             unit.error = exc
         except Exception as exc:  # a bug in a rule must not take the listener down
             log.exception("channel %s: mapping failed for control id %s", self.name, msg.control_id)
             unit.error = ProcessingError(f"internal error while mapping: {type(exc).__name__}")
+        if unit.error is None:  # built here, on the event loop, to keep the writer thread lean
+            unit.success_answer = unit.answer(unit.status, None)
         return unit, encoding
 
     # -- stages ------------------------------------------------------------------------------

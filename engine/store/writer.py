@@ -15,8 +15,9 @@ import hashlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -58,6 +59,10 @@ class WorkUnit:
     effects: Callable[[Connection, int], list[QueuedPayload]] | None = None
     # builds the answer for the sender from the outcome; its text is stored with the message
     answer: Callable[[str, ProcessingError | None], str] | None = None
+    # the answer should the unit commit without error, built on the event loop beforehand so the
+    # single writer thread does as little as possible per message
+    success_answer: str | None = None
+    body_hash: str = ""
     dedupe: bool = True
     replay_of: int | None = None
 
@@ -83,8 +88,8 @@ class UnitResult:
 @dataclass
 class _Pending:
     unit: WorkUnit
-    done: Callable[[UnitResult | BaseException], None]
-    extra: dict[str, Any] = field(default_factory=dict)
+    future: asyncio.Future[UnitResult] | None = None
+    sink: list[UnitResult | BaseException] | None = None  # submit_sync
 
 
 def body_hash(raw: bytes) -> str:
@@ -94,13 +99,21 @@ def body_hash(raw: bytes) -> str:
 class Writer:
     """Start once; `await submit(unit)` from the event loop; `stop()` drains and joins."""
 
-    def __init__(self, engine: Engine, *, max_batch: int = 512, dedupe_window: timedelta = timedelta(days=7)):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch: int = 512,
+        dedupe_window: timedelta = timedelta(days=7),
+        gather_window: float = 0.001,
+    ):
         self.engine = engine
         self.max_batch = max_batch
         self.dedupe_window = dedupe_window
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._conn: Connection | None = None
+        self.gather_window = gather_window
         dialect = engine.dialect
         self._raw_insert = RawInsert(MESSAGES, dialect)
         self._mark = marker(dialect)
@@ -123,41 +136,60 @@ class Writer:
             self._conn = None
 
     async def submit(self, unit: WorkUnit) -> UnitResult:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[UnitResult] = loop.create_future()
-
-        def done(result: UnitResult | BaseException) -> None:
-            loop.call_soon_threadsafe(_settle, fut, result)
-
-        self._queue.put(_Pending(unit, done))
+        fut: asyncio.Future[UnitResult] = asyncio.get_running_loop().create_future()
+        self._queue.put(_Pending(unit, future=fut))
         return await fut
 
     def submit_sync(self, unit: WorkUnit) -> UnitResult:
         """For the CLI and tests: run one unit in its own transaction, in this thread."""
-        holder: list[UnitResult | BaseException] = []
-        self._commit([_Pending(unit, holder.append)])
-        result = holder[0]
+        sink: list[UnitResult | BaseException] = []
+        self._commit([_Pending(unit, sink=sink)])
+        result = sink[0]
         if isinstance(result, BaseException):
             raise result
         return result
 
+    @staticmethod
+    def _answer_all(batch: list[_Pending], results: list[UnitResult | BaseException]) -> None:
+        """One wake-up of each event loop per group, not one per message."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[UnitResult], Any]]] = {}
+        for pending, result in zip(batch, results, strict=True):
+            if pending.sink is not None:
+                pending.sink.append(result)
+            elif pending.future is not None:
+                by_loop.setdefault(pending.future.get_loop(), []).append((pending.future, result))
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle_all, pairs)
+            except RuntimeError:  # that loop is closed: its senders are gone
+                pass
+
     # -- the thread -------------------------------------------------------------------------
     def _run(self) -> None:
+        """Group commit. When the last group was large, senders are answered together and come
+        back together: wait a moment (at most `gather_window`) for as many as last time, so one
+        fsync covers them all instead of the first one or two."""
         stopping = False
+        expected = 1
         while not stopping:
             first = self._queue.get()
             if first is None:
                 break
             batch = [first]
+            deadline = time.monotonic() + self.gather_window if expected > 1 else 0.0
             while len(batch) < self.max_batch:
                 try:
-                    nxt = self._queue.get_nowait()
+                    if len(batch) < expected and (left := deadline - time.monotonic()) > 0:
+                        nxt = self._queue.get(timeout=left)
+                    else:
+                        nxt = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is None:
                     stopping = True
                     break
                 batch.append(nxt)
+            expected = len(batch)
             self._commit(batch)
 
     def _connection(self) -> Connection:
@@ -176,13 +208,11 @@ class Writer:
             if self._conn is not None:
                 self._conn.invalidate()
                 self._conn = None
-            for pending in batch:
-                pending.done(exc)
+            self._answer_all(batch, [exc] * len(batch))
             return
         self.batches += 1
         self.units += len(batch)
-        for pending, result in zip(batch, results, strict=True):
-            pending.done(result)
+        self._answer_all(batch, list(results))
 
     def _apply_batch(self, conn: Connection, units: list[WorkUnit]) -> list[UnitResult]:
         """Rows that need no id before their effects are inserted together, in order."""
@@ -199,7 +229,7 @@ class Writer:
                 bulk.clear()
 
         for unit in units:
-            digest = body_hash(unit.raw)
+            digest = unit.body_hash or body_hash(unit.raw)
             flags = ""
             key = (unit.channel, unit.sender, unit.control_id)
             check = unit.dedupe and bool(unit.control_id) and unit.error is None
@@ -220,7 +250,7 @@ class Writer:
                         flags = "control-id-reused"
             if unit.error is not None or unit.effects is None:
                 status = MessageStatus.ERROR if unit.error is not None else unit.status
-                answer = unit.answer(status, unit.error) if unit.answer else ""
+                answer = _success_answer(unit) if unit.error is None else _answer(unit, status, unit.error)
                 result = UnitResult(0, status, answer, error=unit.error, flags=flags)
                 bulk.append((self._values(unit, digest, status, answer, unit.error, flags), result))
             else:
@@ -276,7 +306,8 @@ class Writer:
         assert unit.effects is not None
         savepoint = conn.begin_nested()
         try:
-            mid = self._insert(conn, self._values(unit, digest, unit.status, "", None, flags))
+            answer = _success_answer(unit)  # the savepoint takes it back if the effects fail
+            mid = self._insert(conn, self._values(unit, digest, unit.status, answer, None, flags))
             payloads = unit.effects(conn, mid)
             if payloads:
                 now = utcnow()
@@ -301,9 +332,6 @@ class Writer:
                         for p in payloads
                     ],
                 )
-            answer = unit.answer(unit.status, None) if unit.answer else ""
-            if answer:
-                conn.execute(MESSAGES.update().where(MESSAGES.c.id == mid).values(ack=answer))
             savepoint.commit()
             return UnitResult(mid, unit.status, answer, flags=flags)
         except ProcessingError as exc:
@@ -318,7 +346,7 @@ class Writer:
     def _store_error(
         self, conn: Connection, unit: WorkUnit, digest: str, exc: ProcessingError, flags: str
     ) -> UnitResult:
-        answer = unit.answer(MessageStatus.ERROR, exc) if unit.answer else ""
+        answer = _answer(unit, MessageStatus.ERROR, exc)
         mid = self._insert(conn, self._values(unit, digest, MessageStatus.ERROR, answer, exc, flags))
         return UnitResult(mid, MessageStatus.ERROR, answer, error=exc, flags=flags)
 
@@ -349,10 +377,21 @@ class Writer:
         }
 
 
-def _settle(fut: asyncio.Future[UnitResult], result: UnitResult | BaseException) -> None:
-    if fut.done():
-        return
-    if isinstance(result, BaseException):
-        fut.set_exception(result)
-    else:
-        fut.set_result(result)
+def _success_answer(unit: WorkUnit) -> str:
+    if unit.success_answer is not None:
+        return unit.success_answer
+    return _answer(unit, unit.status, None)
+
+
+def _answer(unit: WorkUnit, status: str, error: ProcessingError | None) -> str:
+    return unit.answer(status, error) if unit.answer else ""
+
+
+def _settle_all(pairs: list[tuple[asyncio.Future[UnitResult], UnitResult | BaseException]]) -> None:
+    for fut, result in pairs:
+        if fut.done():
+            continue
+        if isinstance(result, BaseException):
+            fut.set_exception(result)
+        else:
+            fut.set_result(result)
