@@ -149,3 +149,9 @@ def engine_process(tmp_path: Path) -> Iterator[EngineProcess]:
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture
+def env_for(tmp_path: Path):  # noqa: ANN201
+    """engine_env for tests that pick their own storage URL."""
+    return lambda storage_url=None: engine_env(tmp_path, storage_url)

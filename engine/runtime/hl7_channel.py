@@ -8,6 +8,7 @@ byte). The answer is stored with the message, so a resend gets exactly the same 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,7 @@ from sqlalchemy.engine import Connection
 
 from engine.errors import UNSUPPORTED_MESSAGE_TYPE, ProcessingError
 from engine.hl7.ack import ack_mode, build_ack, build_ack_from_raw, should_send
+from engine.hl7.batch import split_batch_bytes
 from engine.hl7.er7 import Message
 from engine.hl7.validate import validate_structure
 from engine.runtime.config import ChannelSpec
@@ -49,12 +51,25 @@ class HL7Channel:
 
     # -- the MLLP handler --------------------------------------------------------------------
     async def handle_frame(self, frame: bytes, _conn: Any = None) -> bytes | None:
+        if frame.lstrip()[:3] in (b"FHS", b"BHS"):
+            return await self._handle_batch(frame)
         result, encoding = await self.receive(frame)
         if self.commit_ack_only:
             return COMMIT_ACK if result.status != MessageStatus.ERROR else COMMIT_NAK
         if not result.answer:
             return None
         return result.answer.encode(encoding, errors="replace")
+
+    async def _handle_batch(self, frame: bytes) -> bytes | None:
+        """An HL7 batch in one frame: each message is stored and processed on its own, in order,
+        and the answer is a batch of their ACKs (BHS, the ACKs, BTS with the count)."""
+        messages = split_batch_bytes(frame)
+        outcomes = await asyncio.gather(*(self.receive(m) for m in messages))
+        if self.commit_ack_only:
+            failed = any(r.status == MessageStatus.ERROR for r, _ in outcomes)
+            return COMMIT_NAK if failed else COMMIT_ACK
+        acks = [r.answer.encode(enc, errors="replace") for r, enc in outcomes if r.answer]
+        return b"BHS|^~\\&|ENGINE\r" + b"".join(acks) + f"BTS|{len(acks)}\r".encode()
 
     async def receive(self, raw: bytes, *, replay_of: int | None = None) -> tuple[UnitResult, str]:
         unit, encoding = self.prepare(raw)

@@ -182,3 +182,16 @@ async def test_many_connections_at_once(running_engine) -> None:
     with app.db.connect() as conn:
         n = conn.execute(select(MESSAGES.c.id).where(MESSAGES.c.control_id.like("PAR-%"))).all()
     assert len(n) == 16 * 20
+
+
+async def test_batch_in_one_frame_is_split_and_answered_with_a_batch_of_acks(running_engine) -> None:
+    app = running_engine
+    batch = (SAMPLES / "batch.hl7").read_bytes()
+    async with MLLPClient("127.0.0.1", app.port_of("ris-orders"), read_timeout=20) as client:
+        reply = await client.send(batch)
+    assert reply.startswith(b"BHS|") and reply.rstrip(b"\r").endswith(b"BTS|3")
+    assert reply.count(b"MSA|AA|") == 3
+    with app.db.connect() as conn:
+        rows = conn.execute(select(MESSAGES.c.control_id, MESSAGES.c.status).where(
+            MESSAGES.c.channel == "ris-orders")).all()
+    assert sorted(rows) == [("BAT0001", "processed"), ("BAT0002", "processed"), ("BAT0003", "processed")]
