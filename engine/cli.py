@@ -112,13 +112,12 @@ def send(
     timeout: Annotated[float, typer.Option(help="seconds to wait for each ACK")] = 30.0,
 ) -> None:
     """Send HL7 messages over MLLP and print the ACKs (a summary for many)."""
-    from engine.hl7.batch import split_batch
+    from engine.hl7.batch import split_batch_bytes
     from engine.hl7.mllp import MLLPClient, MLLPError
 
     messages: list[bytes] = []
     for file in files:
-        text = file.read_bytes().decode("latin-1")
-        messages += [m.encode("latin-1") for m in split_batch(text)]
+        messages += split_batch_bytes(file.read_bytes())
     host, port = _parse_target(to)
     counts = {"sent": 0, "AA": 0, "AE": 0, "AR": 0, "CA": 0, "CE": 0, "CR": 0, "other": 0, "failed": 0}
     single = len(messages) == 1
@@ -336,6 +335,43 @@ def messages_replay(
     loaded = _load(ctx.obj or DEFAULT_CONFIG)
     for line in asyncio.run(replay(loaded, message_ids, reprocess=reprocess)):
         console.print(line, highlight=False)
+
+
+@app.command()
+def worklist(
+    date: Annotated[str | None, typer.Option("--date", help="SPS start date, YYYYMMDD")] = None,
+    modality: Annotated[str | None, typer.Option("--modality")] = None,
+    station: Annotated[str | None, typer.Option("--station", help="Scheduled Station AE Title")] = None,
+    accession: Annotated[str | None, typer.Option("--accession")] = None,
+    status: Annotated[str | None, typer.Option("--status", help="SCHEDULED, IN PROGRESS, CANCELLED, ...")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1)] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+    config: ConfigOpt = DEFAULT_CONFIG,
+) -> None:
+    """List worklist items (what modalities see), soonest first."""
+    from sqlalchemy import select
+
+    from engine.store.worklist import WorklistItem
+
+    t = WorklistItem.__table__  # type: ignore[attr-defined]
+    cols = [t.c.id, t.c.accession_number, t.c.patient_id, t.c.sps_start_date, t.c.sps_start_time, t.c.modality,
+            t.c.station_aet, t.c.status, t.c.filler_order, t.c.placer_order]
+    stmt = select(*cols).order_by(t.c.sps_start, t.c.id).limit(limit)
+    for column, value in ((t.c.sps_start_date, date), (t.c.modality, modality), (t.c.station_aet, station),
+                          (t.c.accession_number, accession), (t.c.status, status)):
+        if value:
+            stmt = stmt.where(column == value)
+    with _db(config).connect() as conn:
+        rows = [dict(r) for r in conn.execute(stmt).mappings()]
+    if as_json:
+        for row in rows:
+            sys.stdout.write(json.dumps(row) + "\n")
+        return
+    table = Table("id", "accession", "patient id", "date", "time", "modality", "station", "status", "order")
+    for r in rows:
+        table.add_row(str(r["id"]), r["accession_number"], r["patient_id"], r["sps_start_date"], r["sps_start_time"],
+                      r["modality"], r["station_aet"], r["status"], r["filler_order"] or r["placer_order"])
+    console.print(table)
 
 
 def main() -> None:  # pragma: no cover

@@ -42,6 +42,11 @@ def test_send_messages_show_and_replay(engine_process, tmp_path: Path) -> None:
     shown = engine_process.cli("messages", "show", str(oru_id)).stdout
     assert "OBR-4:" in shown and "MSA|AA|ORU0001" in shown and "outbox" in shown
 
+    items = [json.loads(line) for line in engine_process.cli("worklist", "--json").stdout.splitlines()]
+    assert {i["accession_number"] for i in items} == {"ACC1001", "ACC5001", "ACC5011", "ACC5021"}
+    assert all(i["status"] == "SCHEDULED" for i in items)
+    assert "ACC1001" in engine_process.cli("worklist", "--modality", "CT").stdout
+
     replayed = engine_process.cli("messages", "replay", str(errors[0]["id"]), "--reprocess").stdout
     assert f"{errors[0]['id']}: reprocessed as message" in replayed and "status error" in replayed
     again = [json.loads(line) for line in engine_process.cli("messages", "--json").stdout.splitlines()]
