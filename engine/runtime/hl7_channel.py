@@ -19,6 +19,7 @@ from engine.errors import UNSUPPORTED_MESSAGE_TYPE, ProcessingError
 from engine.hl7.ack import ack_mode, build_ack, build_ack_from_raw, should_send
 from engine.hl7.batch import split_batch_bytes
 from engine.hl7.er7 import Message
+from engine.hl7.mllp import COMMIT_ACK, COMMIT_NAK
 from engine.hl7.validate import validate_structure
 from engine.runtime.config import ChannelSpec
 from engine.runtime.destinations.base import (
@@ -34,8 +35,6 @@ log = logging.getLogger(__name__)
 
 # the header an answer is built from when the frame had no readable MSH
 _UNKNOWN_SENDER = Message.parse("MSH|^~\\&|||||||||P|2.5\r")
-COMMIT_ACK = b"\x06"
-COMMIT_NAK = b"\x15"
 
 
 class HL7Channel:
