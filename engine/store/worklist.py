@@ -21,6 +21,8 @@ from sqlalchemy import DateTime, Index, String, Text, and_, delete, insert, or_,
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, SQLModel
 
+from engine.store.fastsql import RawInsert, RawSelect, cached
+
 __all__ = [
     "OPEN_STATUSES",
     "SPS_KEYS",
@@ -196,23 +198,23 @@ def find_items(
 
     Each dict holds the row's columns plus `dataset` (the parsed JSON item).
     """
+    # on the hot path of every order: statements built once, sent to the driver
     if filler_order:
-        where = [T.c.filler_order == filler_order]
+        where, params = ["filler_order"], [filler_order]
     elif placer_order:
-        where = [T.c.placer_order == placer_order]
+        where, params = ["placer_order"], [placer_order]
         if accession_number:
-            where.append(T.c.accession_number == accession_number)
+            where.append("accession_number")
+            params.append(accession_number)
     else:
         return []
     if sps_id is not None:
-        where.append(T.c.sps_id == sps_id)
-    rows = conn.execute(select(T).where(and_(*where)).order_by(T.c.id)).mappings().all()
-    out = []
+        where.append("sps_id")
+        params.append(sps_id)
+    rows = cached(RawSelect, T, conn.dialect, tuple(where)).rows(conn, params)
     for row in rows:
-        d = dict(row)
-        d["dataset"] = json.loads(d["dataset_json"])
-        out.append(d)
-    return out
+        row["dataset"] = json.loads(row["dataset_json"])
+    return rows
 
 
 def find_item(
@@ -247,8 +249,7 @@ def insert_item(
         "updated_at": now,
         "dataset_json": _dump(dataset),
     }
-    result = conn.execute(insert(T).values(**values).returning(T.c.id))
-    return int(result.scalar_one())
+    return cached(RawInsert, T, conn.dialect).execute(conn, [values])[0]
 
 
 def insert_many(

@@ -25,7 +25,7 @@ from sqlalchemy import Engine, insert
 from sqlalchemy.engine import Connection
 
 from engine.errors import APPLICATION_INTERNAL_ERROR, ProcessingError
-from engine.store.fastsql import RawInsert, marker, raw_select
+from engine.store.fastsql import RawInsert, Savepoint, marker, raw_select
 from engine.store.models import Delivery, Message, MessageStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -304,7 +304,7 @@ class Writer:
 
     def _apply_effects(self, conn: Connection, unit: WorkUnit, digest: str, flags: str) -> UnitResult:
         assert unit.effects is not None
-        savepoint = conn.begin_nested()
+        savepoint = Savepoint(conn)
         try:
             answer = _success_answer(unit)  # the savepoint takes it back if the effects fail
             mid = self._insert(conn, self._values(unit, digest, unit.status, answer, None, flags))
@@ -332,7 +332,7 @@ class Writer:
                         for p in payloads
                     ],
                 )
-            savepoint.commit()
+            savepoint.release()
             return UnitResult(mid, unit.status, answer, flags=flags)
         except ProcessingError as exc:
             savepoint.rollback()

@@ -126,7 +126,7 @@ class WorklistDestination(LocalDestination):
                 raise ProcessingError(f"unknown order ({oc})", UNKNOWN_KEY_IDENTIFIER, key_location)
             for step in self._steps(dataset):
                 insert_item(conn, step, channel=ctx.channel, status=status)
-            log.info("worklist: order created (%s, message %s)", oc, ctx.control_id)
+            log.debug("worklist: order created (%s, message %s)", oc, ctx.control_id)
             return
 
         self._same_patient(rows, dataset)
@@ -135,11 +135,11 @@ class WorklistDestination(LocalDestination):
 
         if status == StepStatus.SCHEDULED.value:
             self._update(conn, ctx, rows, dataset, status)
-            log.info("worklist: order updated (%s, message %s)", oc, ctx.control_id)
+            log.debug("worklist: order updated (%s, message %s)", oc, ctx.control_id)
         else:
             for row in rows:
                 set_status(conn, row["id"], status)
-            log.info("worklist: order %s -> %s (message %s)", oc, status, ctx.control_id)
+            log.debug("worklist: order %s -> %s (message %s)", oc, status, ctx.control_id)
 
     @staticmethod
     def _steps(dataset: dict[str, Any]) -> list[dict[str, Any]]:
@@ -196,7 +196,7 @@ class WorklistDestination(LocalDestination):
             if not pid:
                 raise ProcessingError("patient identifier missing", REQUIRED_FIELD_MISSING, "PID-3")
             count = update_patient(conn, pid, issuer, dataset)
-            log.info("worklist: A08 updated %d open items (message %s)", count, ctx.control_id)
+            log.debug("worklist: A08 updated %d open items (message %s)", count, ctx.control_id)
         elif event == "A40":
             prior = _text(control.get("prior_patient_id"))
             if not prior:
@@ -204,7 +204,7 @@ class WorklistDestination(LocalDestination):
             if not pid:
                 raise ProcessingError("patient identifier missing", REQUIRED_FIELD_MISSING, "PID-3")
             count = merge_patient(conn, prior, _text(control.get("prior_issuer")), pid, issuer, dataset)
-            log.info("worklist: A40 moved %d open items (message %s)", count, ctx.control_id)
+            log.debug("worklist: A40 moved %d open items (message %s)", count, ctx.control_id)
         # other ADT events do not touch the worklist
 
 
