@@ -287,6 +287,8 @@ def _decode(data: bytes, charset: str | None) -> tuple[str, str]:
 # ------------------------------------------------------------------------------------- views
 
 
+_NONE: list[int] = []  # shared "no such segment" answer of Message._indexes (never changed)
+
 _GROUP_CLOSERS = frozenset({"MSH", "PID", "PD1", "PV1", "PV2", "MRG", "EVN", "NK1", "GT1", "IN1", "IN2", "IN3"})
 
 
@@ -511,21 +513,46 @@ class _View:
 class Group(_View):
     """A run of segments (ORDER or OBSERVATION); lookups of segments it lacks fall back to its parent."""
 
-    __slots__ = ("_msg", "kind", "_idx", "_parent")
+    __slots__ = ("_msg", "kind", "_idx", "_parent", "_own")
 
     def __init__(self, msg: Message, kind: str, indexes: list[int], parent: _View) -> None:
         self._msg = msg
         self.kind = kind
-        self._idx = indexes
+        self._idx = indexes  # still grows while groups() walks the message: _own is built on first read
         self._parent = parent
+        self._own: dict[str, list[int]] | None = None
 
     def _all_indexes(self) -> list[int]:
         return self._idx
 
-    def _indexes(self, name: str) -> list[int]:
+    def _own_indexes(self) -> dict[str, list[int]]:
+        """Segment name -> this group's own indexes, built once (a group's segments never change)."""
         names = self._msg._names()
-        own = [i for i in self._idx if names[i] == name]
-        return own if own else self._parent._indexes(name)
+        own: dict[str, list[int]] = {}
+        for i in self._idx:
+            n = names[i]
+            if n in own:
+                own[n].append(i)
+            else:
+                own[n] = [i]
+        self._own = own
+        return own
+
+    def _indexes(self, name: str) -> list[int]:
+        own = (self._own or self._own_indexes()).get(name)
+        # the parent is asked each time: a segment appended to the message later must be seen
+        return own if own is not None else self._parent._indexes(name)
+
+    def get(self, path: str | Path) -> str:
+        """First match, escapes decoded; '' if absent. Composite values come back as raw ER7."""
+        p = path if path.__class__ is Path else compile_path(path)  # type: ignore[arg-type]
+        idx = (self._own or self._own_indexes()).get(p.segment)
+        if idx is None:
+            idx = self._parent._indexes(p.segment)
+        sr = p.seg_rep or 1
+        if sr > len(idx) or p.field is None:
+            return ""
+        return _read(self._msg, idx[sr - 1], p)
 
     def _append_segment(self, name: str) -> int:
         raise ValueError(f"cannot create a {name} segment inside a group; set it on the message")
@@ -543,7 +570,7 @@ class Message(_View):
     splits only that segment: most messages are read a handful of times and never split whole.
     """
 
-    __slots__ = ("_msg", "_text", "_raw", "_split", "_nm", "_first", "_segs", "encoding", "_codec")
+    __slots__ = ("_msg", "_text", "_raw", "_split", "_nm", "_first", "_byname", "_segs", "encoding", "_codec")
 
     def __init__(self, text: str, encoding: Encoding, codec: str | None = "utf-8") -> None:
         self._msg = self
@@ -552,6 +579,7 @@ class Message(_View):
         self._split: dict[int, list[str]] = {}  # segment index -> fields, split on first use
         self._nm: list[str] | None = None
         self._first: dict[str, int] | None = None
+        self._byname: dict[str, list[int]] | None = None  # segment name -> indexes, once asked
         self._segs: list[Segment | None] | None = None
         self.encoding = encoding
         self._codec = codec  # the Python codec the bytes were decoded with (None: pure ASCII, see codec)
@@ -617,10 +645,17 @@ class Message(_View):
         return f
 
     def _indexes(self, name: str) -> list[int]:
-        nm = self._names()
-        if name not in nm:
-            return []
-        return [i for i, n in enumerate(nm) if n == name]
+        """Indexes of the segments called name (a cached list: callers must not change it)."""
+        by = self._byname
+        if by is None:
+            by = {}
+            for i, n in enumerate(self._names()):
+                if n in by:
+                    by[n].append(i)
+                else:
+                    by[n] = [i]
+            self._byname = by
+        return by.get(name, _NONE)
 
     def _all_indexes(self) -> list[int]:
         return list(range(len(self._segments_raw())))
@@ -629,11 +664,8 @@ class Message(_View):
         """Fields of the first segment called name (None if absent)."""
         first = self._first
         if first is None:
-            first = self._first = {}
-            for i, seg in enumerate(self._segments_raw()):
-                n = seg[:3]
-                if n not in first:
-                    first[n] = i
+            nm = self._names()  # reversed: the first segment of a name is written last and wins
+            first = self._first = dict(zip(reversed(nm), range(len(nm) - 1, -1, -1), strict=True))
         i = first.get(name, -1)
         if i < 0:
             return None
@@ -713,6 +745,7 @@ class Message(_View):
             self._nm.append(name)
         if self._first is not None:
             self._first.setdefault(name, len(raw) - 1)
+        self._byname = None
         self._text = None
         return len(raw) - 1
 
