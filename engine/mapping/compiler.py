@@ -17,6 +17,7 @@ import difflib
 from typing import Any
 
 from engine.configfile import Problem
+from engine.errors import ProcessingError
 from engine.mapping import paths as hp
 from engine.mapping.conditions import ConditionError, parse_condition
 from engine.mapping.context import (
@@ -32,7 +33,7 @@ from engine.mapping.context import (
     position,
 )
 from engine.mapping.reading import MESSAGE_LEVEL, Parts, Scope
-from engine.mapping.rules import BASE_RULE_KEYS, compile_literal, compile_rule, is_rule
+from engine.mapping.rules import BASE_RULE_KEYS, _value_location, compile_literal, compile_rule, is_rule
 
 __all__ = [
     "BASE_RULE_KEYS",
@@ -77,31 +78,78 @@ def _compile_object(node: dict, keypath: str, ctx: CompileContext, *, dicom: boo
         ev = _compile_target(node, key, value, kp, ctx, dicom=child_dicom)
         if ev is not None:
             items.append((key, ev))
-    keep_empty = ctx.settings.keep_empty
-    items_t = tuple(items)
+    return _generate_object(items, keep_empty=ctx.settings.keep_empty)
 
-    if keep_empty:
 
-        def build(scope: Any) -> dict[str, Any]:
-            out: dict[str, Any] = {}
-            for key, ev in items_t:
-                v = ev(scope)
-                if v is not OMIT:
-                    out[key] = "" if v is None else v
-            return out
+def _read_lines(plain: tuple, ns: dict[str, Any], tag: str, indent: str) -> list[str]:
+    """Code that sets v to the first non-empty of plain reads ((marker, top, path), ...)."""
+    lines = [f"{indent}v = ''"]
+    for j, (marker, top, path) in enumerate(plain):
+        p = f"P{tag}_{j}"
+        ns[p] = path
+        cond = [] if j == 0 else ["not v"]
+        if marker:
+            m = f"M{tag}_{j}"
+            ns[m] = marker
+            cond.append(f"{m} in text")  # the message has no such segment: skip the read
+        read = f"v = {'mget' if top else 'vget'}({p})"
+        lines.append(f"{indent}if {' and '.join(cond)}: {read}" if cond else f"{indent}{read}")
+    return lines
 
-        return build
 
-    def build_pruned(scope: Any) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, ev in items_t:
-            v = ev(scope)
-            if v is OMIT or (not v and v.__class__ in FALSY_EMPTY) or (v.__class__ in CONTAINERS and is_empty(v)):
-                continue
-            out[key] = v
-        return out
-
-    return build_pruned
+def _generate_object(items: list[tuple[str, Evaluator]], *, keep_empty: bool) -> Evaluator:
+    """One function for one object of targets, generated once: plain reads (and plain reads with a
+    required check or a single format) are inlined, every other target calls its closure. It does
+    what the loop `for key, ev in items: v = ev(scope); ...` did, minus a call or three per target.
+    """
+    ns: dict[str, Any] = {"OMIT": OMIT, "FALSY_EMPTY": FALSY_EMPTY, "CONTAINERS": CONTAINERS, "is_empty": is_empty}
+    ns["ProcessingError"] = ProcessingError
+    ns["value_location"] = _value_location
+    body: list[str] = []
+    uses_view = False
+    for n, (key, ev) in enumerate(items):
+        k = f"K{n}"
+        ns[k] = key
+        plain = getattr(ev, "plain", None)
+        required = getattr(ev, "plain_required", None)
+        fmt = getattr(ev, "plain_format", None)
+        if plain is not None or required is not None:  # a str, never OMIT or None
+            body += _read_lines(plain or required, ns, str(n), "    ")
+            if required is not None:
+                ns[f"E{n}"] = ev
+                body.append(f"    if not v: v = E{n}(scope)")
+            body.append(f"    out[{k}] = v" if keep_empty else f"    if v: out[{k}] = v")
+            uses_view = uses_view or any(not top for _m, top, _p in plain or required)
+            continue
+        if fmt is not None:
+            fplain, func, rc = fmt
+            ns[f"F{n}"], ns[f"RC{n}"] = func, rc
+            body += _read_lines(fplain, ns, str(n), "    ")
+            uses_view = uses_view or any(not top for _m, top, _p in fplain)
+            body += [
+                "    try:",
+                f"        v = F{n}(v, RC{n}, scope)",
+                "    except ProcessingError as exc:",
+                "        if not exc.location:",
+                f"            exc.location = value_location(RC{n}, scope)",
+                "        raise",
+            ]
+        else:
+            ns[f"E{n}"] = ev
+            body.append(f"    v = E{n}(scope)")
+        if keep_empty:
+            body.append(f"    if v is not OMIT: out[{k}] = '' if v is None else v")
+        else:
+            body.append(
+                "    if not (v is OMIT or (not v and v.__class__ in FALSY_EMPTY)"
+                f" or (v.__class__ in CONTAINERS and is_empty(v))): out[{k}] = v"
+            )
+    head = ["def build(scope):", "    text = scope.text", "    mget = scope.msg.get"]
+    if uses_view:
+        head.append("    vget = scope.view.get")
+    src = "\n".join([*head, "    out = {}", *body, "    return out", ""])
+    exec(compile(src, "<mapping object>", "exec"), ns)  # noqa: S102 - our own generated code
+    return ns["build"]
 
 
 def _compile_target(

@@ -19,6 +19,12 @@ MESSAGE_LEVEL = frozenset(
 )
 
 
+# A getter that is a plain read (first non-empty of paths, text values, no formats) carries
+# `plain`: a tuple of (marker, top, path), so the compiler can inline the read into the code it
+# generates for an object (see compiler._compile_object). Reads are pure: inlining them without
+# the memo gives the same values.
+
+
 class Scope:
     """The message (or one group of it) being mapped, as the compiled rules see it.
 
@@ -68,6 +74,7 @@ def _first_text(texts: list[str]) -> Evaluator:
                 return v
         return ""
 
+    first.plain = tuple((marker, top, path) for _key, marker, top, path in specs)  # type: ignore[attr-defined]
     return first
 
 
@@ -118,6 +125,7 @@ def _getter(text: str, path: Any, many: bool, components: bool) -> Evaluator:
                 v = memo[text] = (scope.msg if top else scope.view).get(path)
             return v
 
+        get.plain = ((marker, top, path),)  # type: ignore[attr-defined]  # the compiler may inline this read
         return get
     if not many:
 

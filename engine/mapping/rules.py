@@ -340,6 +340,9 @@ def _build_rule(
                         exc.location = _value_location(rc, scope)
                     raise
 
+            plain = getattr(get, "plain", None)
+            if plain is not None:  # the compiler inlines the read, then calls the format
+                formatted.plain_format = (plain, single, rc)  # type: ignore[attr-defined]
             return formatted
         if not formats and required:
 
@@ -351,6 +354,9 @@ def _build_rule(
                     rc.fail(REQUIRED_FIELD_MISSING, "required field missing", location=location_for(rc.paths, scope))
                 return v
 
+            plain = getattr(get, "plain", None)
+            if plain is not None:  # inlined: a non-empty read is the value, else this closure decides
+                required_copy.plain_required = plain  # type: ignore[attr-defined]
             return required_copy
 
     def rule(scope: Any) -> Any:
