@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import ipaddress
 import ssl
 from collections.abc import AsyncIterator
-from pathlib import Path
+from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from engine.hl7.mllp import (
     ConnInfo,
@@ -29,98 +23,6 @@ from engine.hl7.mllp import (
 WAIT = 10.0
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | None = None) -> None:
-    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    if key is not None:
-        path.with_suffix(".key").write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-
-
-def _make_ca(path: Path, cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    _write(path, cert, key)
-    return cert, key
-
-
-def _make_leaf(path: Path, cn: str, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], server: bool) -> None:
-    ca_cert, ca_key = ca
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-    )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-    _write(path, builder.sign(ca_key, hashes.SHA256()), key)
-
-
-class Pki:
-    def __init__(self, root: Path) -> None:
-        ca = _make_ca(root / "ca", "Test MLLP CA")
-        rogue = _make_ca(root / "rogue-ca", "Rogue CA")
-        _make_leaf(root / "server", "localhost", ca, server=True)
-        _make_leaf(root / "client", "ris.example", ca, server=False)
-        _make_leaf(root / "rogue-client", "intruder", rogue, server=False)
-        self.root = root
-
-    def p(self, name: str) -> str:
-        return str(self.root / name)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return Pki(tmp_path_factory.mktemp("pki"))
-
-
 async def echo(body: bytes, info: ConnInfo) -> bytes:
     subject = ""
     if info.peer_cert:
@@ -129,7 +31,7 @@ async def echo(body: bytes, info: ConnInfo) -> bytes:
 
 
 @pytest.fixture
-async def tls_server(pki: Pki) -> AsyncIterator[MLLPServer]:
+async def tls_server(pki: Any) -> AsyncIterator[MLLPServer]:
     ctx = server_ssl_context(pki.p("server.crt"), pki.p("server.key"))
     server = await start_server(echo, "127.0.0.1", 0, ssl=ctx, read_timeout=2)
     yield server
@@ -137,21 +39,21 @@ async def tls_server(pki: Pki) -> AsyncIterator[MLLPServer]:
 
 
 @pytest.fixture
-async def mtls_server(pki: Pki) -> AsyncIterator[MLLPServer]:
+async def mtls_server(pki: Any) -> AsyncIterator[MLLPServer]:
     ctx = server_ssl_context(pki.p("server.crt"), pki.p("server.key"), ca=pki.p("ca.crt"), require_client_cert=True)
     server = await start_server(echo, "127.0.0.1", 0, ssl=ctx, read_timeout=2)
     yield server
     await server.close()
 
 
-async def test_tls_round_trip(pki: Pki, tls_server: MLLPServer) -> None:
+async def test_tls_round_trip(pki: Any, tls_server: MLLPServer) -> None:
     ctx = client_ssl_context(ca=pki.p("ca.crt"))
     async with MLLPClient("127.0.0.1", tls_server.port, ssl=ctx) as client:
         assert await client.send(b"MSH|x") == b"True||MSH|x"
         assert await client.send(b"again") == b"True||again"
 
 
-async def test_client_refuses_an_untrusted_server(pki: Pki, tls_server: MLLPServer) -> None:
+async def test_client_refuses_an_untrusted_server(pki: Any, tls_server: MLLPServer) -> None:
     ctx = client_ssl_context(ca=pki.p("rogue-ca.crt"))
     client = MLLPClient("127.0.0.1", tls_server.port, ssl=ctx, connect_timeout=WAIT)
     with pytest.raises(MLLPError) as info:
@@ -160,7 +62,7 @@ async def test_client_refuses_an_untrusted_server(pki: Pki, tls_server: MLLPServ
     await client.close()
 
 
-async def test_plain_tcp_to_tls_port_does_not_disturb_tls_clients(pki: Pki, tls_server: MLLPServer) -> None:
+async def test_plain_tcp_to_tls_port_does_not_disturb_tls_clients(pki: Any, tls_server: MLLPServer) -> None:
     good = MLLPClient("127.0.0.1", tls_server.port, ssl=client_ssl_context(ca=pki.p("ca.crt")))
     assert await good.send(b"1") == b"True||1"
     reader, writer = await asyncio.open_connection("127.0.0.1", tls_server.port)
@@ -181,7 +83,7 @@ async def test_silent_peer_is_dropped_during_the_handshake(tls_server: MLLPServe
     await writer.wait_closed()
 
 
-async def test_mutual_tls_accepts_a_client_with_a_proper_cert(pki: Pki, mtls_server: MLLPServer) -> None:
+async def test_mutual_tls_accepts_a_client_with_a_proper_cert(pki: Any, mtls_server: MLLPServer) -> None:
     ctx = client_ssl_context(ca=pki.p("ca.crt"), cert=pki.p("client.crt"), key=pki.p("client.key"))
     async with MLLPClient("127.0.0.1", mtls_server.port, ssl=ctx) as client:
         assert await client.send(b"MSH|x") == b"True|ris.example|MSH|x"
@@ -189,7 +91,7 @@ async def test_mutual_tls_accepts_a_client_with_a_proper_cert(pki: Pki, mtls_ser
 
 @pytest.mark.parametrize("cert", [None, "rogue-client"])
 async def test_mutual_tls_refuses_a_client_without_a_trusted_cert(
-    pki: Pki,
+    pki: Any,
     mtls_server: MLLPServer,
     cert: str | None,
 ) -> None:
@@ -211,12 +113,12 @@ async def test_mutual_tls_refuses_a_client_without_a_trusted_cert(
     await good.close()
 
 
-def test_require_client_cert_needs_a_ca(pki: Pki) -> None:
+def test_require_client_cert_needs_a_ca(pki: Any) -> None:
     with pytest.raises(ValueError):
         server_ssl_context(pki.p("server.crt"), pki.p("server.key"), require_client_cert=True)
 
 
-def test_contexts_refuse_old_protocols(pki: Pki) -> None:
+def test_contexts_refuse_old_protocols(pki: Any) -> None:
     server = server_ssl_context(pki.p("server.crt"), pki.p("server.key"), ca=pki.p("ca.crt"), require_client_cert=True)
     client = client_ssl_context(ca=pki.p("ca.crt"))
     assert server.verify_mode == ssl.CERT_REQUIRED
