@@ -302,7 +302,9 @@ def _first_rep(value: str, p: Path, enc: Encoding) -> str:
 
 def _read(msg: Message, i: int, p: Path) -> str:
     """The first value path p selects in segment i of msg."""
-    fields = msg._fields(i)
+    fields = msg._split.get(i)
+    if fields is None:
+        fields = msg._fields(i)
     f = p.field
     if f is None or f >= len(fields):
         return ""
@@ -386,17 +388,22 @@ class _View:
 
     def _raw_get(self, p: Path) -> str:
         """Like get() for the first match, but the ER7 text as written (no decoding)."""
-        i = self._nth(p.segment, p.seg_rep or 1)
-        if i < 0 or p.field is None:
+        idx = self._indexes(p.segment)
+        n = p.seg_rep or 1
+        if n > len(idx) or p.field is None:
             return ""
-        fields = self._msg._fields(i)
+        msg = self._msg
+        fields = msg._split.get(idx[n - 1])
+        if fields is None:
+            fields = msg._fields(idx[n - 1])
         if p.field >= len(fields):
             return ""
         value = fields[p.field]
         if p.field <= 2 and p.segment == "MSH":
             return value
-        enc = self._msg.encoding
-        value = _first_rep(value, p, enc)
+        enc = msg.encoding
+        if p.rep is not None or enc.repetition in value:
+            value = _first_rep(value, p, enc)
         if p.component is not None:
             value = _pick(value, enc.component, p.component)
             if p.subcomponent is not None:
@@ -409,13 +416,15 @@ class _View:
         Split before decoding, so an escaped delimiter never splits; a component that itself holds
         subcomponents is returned as raw ER7 (like get()), to be read with a PATH.N path.
         """
-        p = _compile(path)
-        enc = self._msg.encoding
+        p = path if path.__class__ is Path else compile_path(path)  # type: ignore[arg-type]
         if p.subcomponent is not None:
             return [self.get(p)]
+        enc = self._msg.encoding
         raw = self._raw_get(p)
         if raw == "":
             return []
+        if enc.escape not in raw:  # nothing to decode
+            return raw.split(enc.component if p.component is None else enc.subcomponent)
         codec = self._msg.codec
         if p.component is None:  # a component that holds subcomponents stays raw, as get() gives it
             ss = enc.subcomponent
@@ -552,7 +561,40 @@ class Group(_View):
         sr = p.seg_rep or 1
         if sr > len(idx) or p.field is None:
             return ""
-        return _read(self._msg, idx[sr - 1], p)
+        # _read(self._msg, idx[sr - 1], p), inline: the mapping's group reads all come here
+        msg = self._msg
+        fields = msg._split.get(idx[sr - 1])
+        if fields is None:
+            fields = msg._fields(idx[sr - 1])
+        f = p.field
+        if f >= len(fields):
+            return ""
+        value = fields[f]
+        if f <= 2 and p.segment == "MSH":
+            return value
+        enc = msg.encoding
+        rs = enc.repetition
+        if rs in value:
+            value = value.split(rs)[0] if p.rep == ALL else _pick(value, rs, p.rep or 1)
+        elif p.rep is not None and p.rep > 1:
+            return ""
+        c = p.component
+        if c is not None:
+            cs = enc.component
+            if cs in value:
+                parts = value.split(cs)
+                value = parts[c - 1] if c <= len(parts) else ""
+            elif c > 1:
+                return ""
+            if p.subcomponent is not None:
+                value = _pick(value, enc.subcomponent, p.subcomponent)
+            elif enc.subcomponent in value:
+                return value
+        elif enc.component in value or enc.subcomponent in value:
+            return value
+        if enc.escape in value:
+            return unescape(value, enc, msg.codec)
+        return value
 
     def _append_segment(self, name: str) -> int:
         raise ValueError(f"cannot create a {name} segment inside a group; set it on the message")
