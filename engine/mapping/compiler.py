@@ -32,7 +32,7 @@ from engine.mapping.context import (
     location_for,
     position,
 )
-from engine.mapping.reading import MESSAGE_LEVEL, Parts, Scope
+from engine.mapping.reading import MESSAGE_LEVEL, Parts, Scope, _parts
 from engine.mapping.rules import BASE_RULE_KEYS, _value_location, compile_literal, compile_rule, is_rule
 
 __all__ = [
@@ -105,6 +105,7 @@ def _generate_object(items: list[tuple[str, Evaluator]], *, keep_empty: bool) ->
     ns: dict[str, Any] = {"OMIT": OMIT, "FALSY_EMPTY": FALSY_EMPTY, "CONTAINERS": CONTAINERS, "is_empty": is_empty}
     ns["ProcessingError"] = ProcessingError
     ns["value_location"] = _value_location
+    ns["parts"] = _parts
     body: list[str] = []
     uses_view = False
     for n, (key, ev) in enumerate(items):
@@ -113,6 +114,7 @@ def _generate_object(items: list[tuple[str, Evaluator]], *, keep_empty: bool) ->
         plain = getattr(ev, "plain", None)
         required = getattr(ev, "plain_required", None)
         fmt = getattr(ev, "plain_format", None)
+        cfmt = getattr(ev, "components_format", None)
         if plain is not None or required is not None:  # a str, never OMIT or None
             body += _read_lines(plain or required, ns, str(n), "    ")
             if required is not None:
@@ -121,11 +123,18 @@ def _generate_object(items: list[tuple[str, Evaluator]], *, keep_empty: bool) ->
             body.append(f"    out[{k}] = v" if keep_empty else f"    if v: out[{k}] = v")
             uses_view = uses_view or any(not top for _m, top, _p in plain or required)
             continue
-        if fmt is not None:
-            fplain, func, rc = fmt
+        if fmt is not None or cfmt is not None:
+            if fmt is not None:
+                fplain, func, rc = fmt
+                body += _read_lines(fplain, ns, str(n), "    ")
+                uses_view = uses_view or any(not top for _m, top, _p in fplain)
+            else:
+                (marker, top, path, text), func, rc = cfmt
+                ns[f"P{n}"], ns[f"T{n}"], ns[f"M{n}"] = path, text, marker
+                view = "mview" if top else "gview"
+                read = f"parts({view}.components(P{n}), {view}, T{n})"
+                body.append(f"    v = {read} if M{n} in text else ''" if marker else f"    v = {read}")
             ns[f"F{n}"], ns[f"RC{n}"] = func, rc
-            body += _read_lines(fplain, ns, str(n), "    ")
-            uses_view = uses_view or any(not top for _m, top, _p in fplain)
             body += [
                 "    try:",
                 f"        v = F{n}(v, RC{n}, scope)",
@@ -144,9 +153,10 @@ def _generate_object(items: list[tuple[str, Evaluator]], *, keep_empty: bool) ->
                 "    if not (v is OMIT or (not v and v.__class__ in FALSY_EMPTY)"
                 f" or (v.__class__ in CONTAINERS and is_empty(v))): out[{k}] = v"
             )
-    head = ["def build(scope):", "    text = scope.text", "    mget = scope.msg.get"]
+    head = ["def build(scope):", "    text = scope.text", "    mview = scope.msg", "    mget = mview.get"]
+    head.append("    gview = scope.view")
     if uses_view:
-        head.append("    vget = scope.view.get")
+        head.append("    vget = gview.get")
     src = "\n".join([*head, "    out = {}", *body, "    return out", ""])
     exec(compile(src, "<mapping object>", "exec"), ns)  # noqa: S102 - our own generated code
     return ns["build"]

@@ -343,6 +343,9 @@ def _build_rule(
             plain = getattr(get, "plain", None)
             if plain is not None:  # the compiler inlines the read, then calls the format
                 formatted.plain_format = (plain, single, rc)  # type: ignore[attr-defined]
+            comps = getattr(get, "plain_components", None)
+            if comps is not None:  # the same for one field's components
+                formatted.components_format = (comps, single, rc)  # type: ignore[attr-defined]
             return formatted
         if not formats and required:
 
@@ -378,6 +381,11 @@ def _build_rule(
                 rc.fail(REQUIRED_FIELD_MISSING, "required field missing", location=location_for(rc.paths, scope))
         return v
 
+    plain = getattr(get, "plain", None)
+    if plain is not None and when is None and not funcs and not tables:
+        # a non-empty read is the value (default/required only act on empty): the compiler
+        # inlines the read and calls this closure only when it came back empty
+        rule.plain_required = plain  # type: ignore[attr-defined]
     return rule
 
 
