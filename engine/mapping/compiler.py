@@ -81,9 +81,9 @@ def _compile_object(node: dict, keypath: str, ctx: CompileContext, *, dicom: boo
     return _generate_object(items, keep_empty=ctx.settings.keep_empty)
 
 
-def _read_lines(plain: tuple, ns: dict[str, Any], tag: str, indent: str) -> list[str]:
+def _read_lines(plain: tuple, ns: dict[str, Any], tag: str) -> list[str]:
     """Code that sets v to the first non-empty of plain reads ((marker, top, path), ...)."""
-    lines = [f"{indent}v = ''"]
+    lines = ["v = ''"]
     for j, (marker, top, path) in enumerate(plain):
         p = f"P{tag}_{j}"
         ns[p] = path
@@ -93,73 +93,132 @@ def _read_lines(plain: tuple, ns: dict[str, Any], tag: str, indent: str) -> list
             ns[m] = marker
             cond.append(f"{m} in text")  # the message has no such segment: skip the read
         read = f"v = {'mget' if top else 'vget'}({p})"
-        lines.append(f"{indent}if {' and '.join(cond)}: {read}" if cond else f"{indent}{read}")
+        lines.append(f"if {' and '.join(cond)}: {read}" if cond else read)
     return lines
 
 
+def _components_lines(specs: tuple, ns: dict[str, Any], tag: str) -> list[str]:
+    """Code that sets v to the first non-empty components (a Parts, else "") of several fields."""
+    lines = ["v = ''"]
+    for j, (marker, top, path, text) in enumerate(specs):
+        p, t = f"P{tag}_{j}", f"T{tag}_{j}"
+        ns[p], ns[t] = path, text
+        view = "mview" if top else "gview"
+        cond = [] if j == 0 else ["not v"]  # "" or a Parts with a non-empty component
+        if marker:
+            ns[f"M{tag}_{j}"] = marker
+            cond.append(f"M{tag}_{j} in text")
+        read = f"v = parts({view}.components({p}), {view}, {t})"
+        lines.append(f"if {' and '.join(cond)}: {read}" if cond else read)
+    return lines
+
+
+def _value_lines(ev: Evaluator, ns: dict[str, Any], tag: str) -> tuple[list[str], bool]:
+    """Code that sets v to what ev(scope) gives; True when v is then surely a str (never OMIT/None)."""
+    plain = getattr(ev, "plain", None)
+    required = getattr(ev, "plain_required", None)
+    if plain is not None or required is not None:
+        lines = _read_lines(plain or required, ns, tag)
+        if required is not None:  # default/required act on an empty read only
+            ns[f"E{tag}"] = ev
+            lines.append(f"if not v: v = E{tag}(scope)")
+            return lines, False
+        return lines, True
+    lookup = getattr(ev, "plain_lookup", None)
+    if lookup is not None:  # one table, nothing else: an empty read stays empty
+        lplain, func = lookup
+        ns[f"L{tag}"] = func
+        return [*_read_lines(lplain, ns, tag), f"if v: v = L{tag}(v, scope)"], False
+    fmt = getattr(ev, "plain_format", None)
+    cfmt = getattr(ev, "components_format", None)
+    if fmt is None and cfmt is None:
+        ns[f"E{tag}"] = ev
+        return [f"v = E{tag}(scope)"], False
+    if fmt is not None:
+        specs, func, rc = fmt
+        lines = _read_lines(specs, ns, tag)
+    else:
+        specs, func, rc = cfmt
+        lines = _components_lines(specs, ns, tag)
+    ns[f"F{tag}"], ns[f"RC{tag}"] = func, rc
+    lines += [
+        "try:",
+        f"    v = F{tag}(v, RC{tag}, scope)",
+        "except ProcessingError as exc:",
+        "    if not exc.location:",
+        f"        exc.location = value_location(RC{tag}, scope)",
+        "    raise",
+    ]
+    return lines, False
+
+
+def _namespace() -> dict[str, Any]:
+    return {
+        "OMIT": OMIT,
+        "FALSY_EMPTY": FALSY_EMPTY,
+        "CONTAINERS": CONTAINERS,
+        "is_empty": is_empty,
+        "ProcessingError": ProcessingError,
+        "value_location": _value_location,
+        "parts": _parts,
+    }
+
+
+def _define(body: list[str], ns: dict[str, Any], what: str) -> Evaluator:
+    head = [
+        "def build(scope):",
+        "    text = scope.text",
+        "    mview = scope.msg",
+        "    mget = mview.get",
+        "    gview = scope.view",
+        "    vget = gview.get",
+    ]
+    src = "\n".join([*head, *body, ""])
+    exec(compile(src, f"<mapping {what}>", "exec"), ns)  # noqa: S102 - our own generated code
+    return ns["build"]
+
+
 def _generate_object(items: list[tuple[str, Evaluator]], *, keep_empty: bool) -> Evaluator:
-    """One function for one object of targets, generated once: plain reads (and plain reads with a
-    required check or a single format) are inlined, every other target calls its closure. It does
-    what the loop `for key, ev in items: v = ev(scope); ...` did, minus a call or three per target.
+    """One function for one object of targets, generated once: plain reads (alone, with a
+    required check or default, a table or a single format) are inlined, every other target calls
+    its closure. It does what `for key, ev in items: v = ev(scope); ...` did, minus a few calls
+    per target.
     """
-    ns: dict[str, Any] = {"OMIT": OMIT, "FALSY_EMPTY": FALSY_EMPTY, "CONTAINERS": CONTAINERS, "is_empty": is_empty}
-    ns["ProcessingError"] = ProcessingError
-    ns["value_location"] = _value_location
-    ns["parts"] = _parts
-    body: list[str] = []
-    uses_view = False
+    ns = _namespace()
+    body = ["    out = {}"]
     for n, (key, ev) in enumerate(items):
-        k = f"K{n}"
-        ns[k] = key
-        plain = getattr(ev, "plain", None)
-        required = getattr(ev, "plain_required", None)
-        fmt = getattr(ev, "plain_format", None)
-        cfmt = getattr(ev, "components_format", None)
-        if plain is not None or required is not None:  # a str, never OMIT or None
-            body += _read_lines(plain or required, ns, str(n), "    ")
-            if required is not None:
-                ns[f"E{n}"] = ev
-                body.append(f"    if not v: v = E{n}(scope)")
-            body.append(f"    out[{k}] = v" if keep_empty else f"    if v: out[{k}] = v")
-            uses_view = uses_view or any(not top for _m, top, _p in plain or required)
-            continue
-        if fmt is not None or cfmt is not None:
-            if fmt is not None:
-                fplain, func, rc = fmt
-                body += _read_lines(fplain, ns, str(n), "    ")
-                uses_view = uses_view or any(not top for _m, top, _p in fplain)
-            else:
-                (marker, top, path, text), func, rc = cfmt
-                ns[f"P{n}"], ns[f"T{n}"], ns[f"M{n}"] = path, text, marker
-                view = "mview" if top else "gview"
-                read = f"parts({view}.components(P{n}), {view}, T{n})"
-                body.append(f"    v = {read} if M{n} in text else ''" if marker else f"    v = {read}")
-            ns[f"F{n}"], ns[f"RC{n}"] = func, rc
-            body += [
-                "    try:",
-                f"        v = F{n}(v, RC{n}, scope)",
-                "    except ProcessingError as exc:",
-                "        if not exc.location:",
-                f"            exc.location = value_location(RC{n}, scope)",
-                "        raise",
-            ]
-        else:
-            ns[f"E{n}"] = ev
-            body.append(f"    v = E{n}(scope)")
-        if keep_empty:
-            body.append(f"    if v is not OMIT: out[{k}] = '' if v is None else v")
+        ns[f"K{n}"] = key
+        lines, is_str = _value_lines(ev, ns, str(n))
+        body += ["    " + line for line in lines]
+        if is_str:
+            body.append(f"    out[K{n}] = v" if keep_empty else f"    if v: out[K{n}] = v")
+        elif keep_empty:
+            body.append(f"    if v is not OMIT: out[K{n}] = '' if v is None else v")
         else:
             body.append(
                 "    if not (v is OMIT or (not v and v.__class__ in FALSY_EMPTY)"
-                f" or (v.__class__ in CONTAINERS and is_empty(v))): out[{k}] = v"
+                f" or (v.__class__ in CONTAINERS and is_empty(v))): out[K{n}] = v"
             )
-    head = ["def build(scope):", "    text = scope.text", "    mview = scope.msg", "    mget = mview.get"]
-    head.append("    gview = scope.view")
-    if uses_view:
-        head.append("    vget = gview.get")
-    src = "\n".join([*head, "    out = {}", *body, "    return out", ""])
-    exec(compile(src, "<mapping object>", "exec"), ns)  # noqa: S102 - our own generated code
-    return ns["build"]
+    return _define([*body, "    return out"], ns, "object")
+
+
+def _generate_list(parts: list[tuple[bool, Evaluator]]) -> Evaluator:
+    """A list's items, generated like an object's targets (empty rule results dropped, lists spliced)."""
+    ns = _namespace()
+    body = ["    out = []"]
+    for n, (is_object, ev) in enumerate(parts):
+        if is_object:
+            ns[f"E{n}"] = ev
+            body.append(f"    out.append(E{n}(scope))")
+            continue
+        lines, _ = _value_lines(ev, ns, str(n))
+        body += ["    " + line for line in lines]
+        body += [
+            "    if v is OMIT or is_empty(v): pass",
+            "    elif isinstance(v, list): out.extend(x for x in v if not is_empty(x))",
+            "    else: out.append(v)",
+        ]
+    return _define([*body, "    return out"], ns, "list")
 
 
 def _compile_target(
@@ -197,23 +256,7 @@ def _compile_list(node: list, kp: str, ctx: CompileContext, *, dicom: bool) -> E
             ev = compile_literal(item, node, i, ikp, ctx)
             if ev is not None:
                 parts.append((False, ev))
-    parts_t = tuple(parts)
-
-    def build(scope: Any) -> list[Any]:
-        out: list[Any] = []
-        for is_object, ev in parts_t:
-            v = ev(scope)
-            if is_object:
-                out.append(v)
-            elif v is OMIT or is_empty(v):
-                continue
-            elif isinstance(v, list):
-                out.extend(x for x in v if not is_empty(x))
-            else:
-                out.append(v)
-        return out
-
-    return build
+    return _generate_list(parts)
 
 
 def _compile_repeat(item: dict, parent: list, i: int, kp: str, ctx: CompileContext, *, dicom: bool) -> Evaluator | None:

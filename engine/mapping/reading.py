@@ -135,7 +135,7 @@ def _getter(text: str, path: Any, many: bool, components: bool) -> Evaluator:
             view = scope.msg if top else scope.view
             return _parts(view.components(path), view, text)  # a tuple: one value (a list: repetitions)
 
-        comps.plain_components = (marker, top, path, text)  # type: ignore[attr-defined]
+        comps.plain_components = ((marker, top, path, text),)  # type: ignore[attr-defined]
         return comps
 
     def comps_each(scope: Scope) -> Any:

@@ -242,6 +242,9 @@ def _compile_from(
                 return v
         return v
 
+    specs = [getattr(g, "plain_components", None) for g in getters]
+    if all(specs):  # one field's components each: "" or a Parts with something in it
+        first.plain_components = tuple(s for spec in specs for s in spec)  # type: ignore[attr-defined]
     return first, texts
 
 
@@ -382,6 +385,8 @@ def _build_rule(
         return v
 
     plain = getattr(get, "plain", None)
+    if plain is not None and when is None and not funcs and len(lookups) == 1 and not fallback:
+        rule.plain_lookup = (plain, lookups[0])  # type: ignore[attr-defined]  # read; if non-empty, look up
     if plain is not None and when is None and not funcs and not tables:
         # a non-empty read is the value (default/required only act on empty): the compiler
         # inlines the read and calls this closure only when it came back empty
