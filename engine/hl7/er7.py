@@ -706,8 +706,11 @@ class Message(_View):
         """Fields of the first segment called name (None if absent)."""
         first = self._first
         if first is None:
-            nm = self._names()  # reversed: the first segment of a name is written last and wins
-            first = self._first = dict(zip(reversed(nm), range(len(nm) - 1, -1, -1), strict=True))
+            first = self._first = {}
+            for i, seg in enumerate(self._segments_raw()):
+                n = seg[:3]
+                if n not in first:
+                    first[n] = i
         i = first.get(name, -1)
         if i < 0:
             return None
