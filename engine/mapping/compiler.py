@@ -131,6 +131,9 @@ def _value_lines(ev: Evaluator, ns: dict[str, Any], tag: str) -> tuple[list[str]
         return [*_read_lines(lplain, ns, tag), f"if v: v = L{tag}(v, scope)"], False
     fmt = getattr(ev, "plain_format", None)
     cfmt = getattr(ev, "components_format", None)
+    fallback = getattr(ev, "plain_format_fallback", None)
+    if fallback is not None:
+        fmt = fallback
     if fmt is None and cfmt is None:
         ns[f"E{tag}"] = ev
         return [f"v = E{tag}(scope)"], False
@@ -149,6 +152,12 @@ def _value_lines(ev: Evaluator, ns: dict[str, Any], tag: str) -> tuple[list[str]
         f"        exc.location = value_location(RC{tag}, scope)",
         "    raise",
     ]
+    if fallback is not None:  # default:/required: act on an empty result only
+        ns[f"E{tag}"] = ev
+        lines.append(
+            "if (not v and v.__class__ in FALSY_EMPTY) or (v.__class__ in CONTAINERS and is_empty(v)):"
+            f" v = E{tag}(scope)"
+        )
     return lines, False
 
 

@@ -385,6 +385,9 @@ def _build_rule(
         return v
 
     plain = getattr(get, "plain", None)
+    if plain is not None and when is None and single is not None and not tables and fallback:
+        # read + format inlined; this closure (which recomputes the same value) only when it is empty
+        rule.plain_format_fallback = (plain, single, rc)  # type: ignore[attr-defined]
     if plain is not None and when is None and not funcs and len(lookups) == 1 and not fallback:
         rule.plain_lookup = (plain, lookups[0])  # type: ignore[attr-defined]  # read; if non-empty, look up
     if plain is not None and when is None and not funcs and not tables:
