@@ -386,30 +386,6 @@ class _View:
                 out.append(_narrow(rep, p, enc, msg.codec))
         return out
 
-    def _raw_get(self, p: Path) -> str:
-        """Like get() for the first match, but the ER7 text as written (no decoding)."""
-        idx = self._indexes(p.segment)
-        n = p.seg_rep or 1
-        if n > len(idx) or p.field is None:
-            return ""
-        msg = self._msg
-        fields = msg._split.get(idx[n - 1])
-        if fields is None:
-            fields = msg._fields(idx[n - 1])
-        if p.field >= len(fields):
-            return ""
-        value = fields[p.field]
-        if p.field <= 2 and p.segment == "MSH":
-            return value
-        enc = msg.encoding
-        if p.rep is not None or enc.repetition in value:
-            value = _first_rep(value, p, enc)
-        if p.component is not None:
-            value = _pick(value, enc.component, p.component)
-            if p.subcomponent is not None:
-                value = _pick(value, enc.subcomponent, p.subcomponent)
-        return value
-
     def components(self, path: str | Path) -> list[str]:
         """Decoded components of the field (or subcomponents of the component) the path names.
 
@@ -419,8 +395,23 @@ class _View:
         p = path if path.__class__ is Path else compile_path(path)  # type: ignore[arg-type]
         if p.subcomponent is not None:
             return [self.get(p)]
-        enc = self._msg.encoding
-        raw = self._raw_get(p)
+        # the first match as written (no decoding yet); subcomponent is None here
+        idx = self._indexes(p.segment)
+        n = p.seg_rep or 1
+        f = p.field
+        if n > len(idx) or f is None:
+            return []
+        msg = self._msg
+        fields = msg._split.get(idx[n - 1]) or msg._fields(idx[n - 1])
+        if f >= len(fields):
+            return []
+        raw = fields[f]
+        enc = msg.encoding
+        if f > 2 or p.segment != "MSH":
+            if p.rep is not None or enc.repetition in raw:
+                raw = _first_rep(raw, p, enc)
+            if p.component is not None:
+                raw = _pick(raw, enc.component, p.component)
         if raw == "":
             return []
         if enc.escape not in raw:  # nothing to decode
