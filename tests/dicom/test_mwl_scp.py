@@ -220,31 +220,27 @@ def big_scp(sqlite_engine: Engine) -> Iterator[WorklistSCP]:
     server.stop()
 
 
-def test_cancel_stops_the_answers(big_scp: WorklistSCP) -> None:
-    # On a fast machine the SCP may have queued every answer before the cancel arrives, so a
-    # single attempt may legitimately end in Success; one of a few attempts must be cancelled.
-    outcomes = []
-    for attempt in range(5):
-        ae = AE(ae_title="TESTSCU")
-        ae.add_requested_context(ModalityWorklistInformationFind)
-        assoc = ae.associate("127.0.0.1", big_scp.port, ae_title="ENGINE")
-        assert assoc.is_established
-        answers, final = 0, -1
-        msg_id = 7 + attempt
-        for status, _identifier in assoc.send_c_find(ident(), ModalityWorklistInformationFind, msg_id=msg_id):
-            if status.Status == 0xFF00:
-                answers += 1
-                if answers == 1:
-                    assoc.send_c_cancel(msg_id, query_model=ModalityWorklistInformationFind)
-            else:
-                final = status.Status
-        assoc.release()
-        outcomes.append((final, answers))
-        assert final in (0xFE00, 0x0000)
-        assert final == 0xFE00 or answers == 3000  # success only when every answer was already out
-        if final == 0xFE00:
-            break
-    assert any(final == 0xFE00 and 1 <= answers < 3000 for final, answers in outcomes), outcomes
+def test_cancel_is_handled_cleanly(big_scp: WorklistSCP) -> None:
+    # This SCU shares the process (and the GIL) with the SCP, which can therefore queue all its
+    # answers before the cancel is even sent; that the cancel stops the answers is shown by the
+    # out-of-process findscu test below. Here: either outcome is clean, and the association
+    # keeps working afterwards.
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    assoc = ae.associate("127.0.0.1", big_scp.port, ae_title="ENGINE")
+    assert assoc.is_established
+    answers, final = 0, -1
+    for status, _identifier in assoc.send_c_find(ident(), ModalityWorklistInformationFind, msg_id=7):
+        if status.Status == 0xFF00:
+            answers += 1
+            if answers == 1:
+                assoc.send_c_cancel(7, query_model=ModalityWorklistInformationFind)
+        else:
+            final = status.Status
+    assert (final == 0xFE00 and 1 <= answers < 3000) or (final == 0x0000 and answers == 3000)
+    again = [s.Status for s, _ in assoc.send_c_find(ident(PatientID="C7"), ModalityWorklistInformationFind)]
+    assoc.release()
+    assert again == [0xFF00, 0x0000]
 
 
 # -- dcmtk findscu ------------------------------------------------------------------------------------
@@ -301,6 +297,12 @@ def test_findscu_time_range_and_utf8(scp: WorklistSCP, tmp_path: Path) -> None:
 
 
 def test_findscu_cancel(big_scp: WorklistSCP, tmp_path: Path) -> None:
-    rsps, done = findscu(big_scp.port, ["PatientID"], tmp_path / "c", "--cancel", "1")
-    assert done.returncode == 0, done.stderr
-    assert 1 <= len(rsps) < 3000
+    counts = []
+    for attempt in range(5):  # the SCP may have sent every answer before the cancel arrives
+        rsps, done = findscu(big_scp.port, ["PatientID"], tmp_path / f"c{attempt}", "--cancel", "1")
+        assert done.returncode == 0, done.stderr
+        counts.append(len(rsps))
+        assert 1 <= len(rsps) <= 3000
+        if len(rsps) < 3000:
+            break
+    assert min(counts) < 3000, counts
