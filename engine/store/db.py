@@ -33,8 +33,7 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
-            cur.execute("PRAGMA cache_size=-65536")  # 64 MiB of pages: index pages stay in memory
-            cur.execute("PRAGMA mmap_size=268435456")
+            cur.execute("PRAGMA cache_size=-16384")  # 16 MiB of pages per connection, then flat
             cur.close()
 
         @event.listens_for(engine, "begin")
