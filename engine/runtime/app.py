@@ -62,6 +62,10 @@ class EngineApp:
         cfg = self.config.engine
         self.db = make_engine(self.config.storage_url)
         await asyncio.to_thread(init_db, self.db)
+        if self.db.dialect.name == "sqlite":  # one process owns the file: old claims are a dead process's
+            released = await asyncio.to_thread(queue.release_claims, self.db)
+            if released:
+                log.warning("%d deliveries in flight when the engine last stopped are queued again", released)
         self.writer = Writer(
             self.db, max_batch=cfg.storage.max_batch, dedupe_window=timedelta(hours=cfg.storage.dedupe_window_hours)
         )
@@ -96,8 +100,10 @@ class EngineApp:
                 queued,
                 policy,
                 poll_interval=self.config.engine.delivery.poll_interval_seconds,
+                stall=timedelta(seconds=self.config.engine.delivery.stall_seconds),
             )
             worker.start()
+            handler.on_queued = worker.poke
         await source.start()
         self.channels[spec.config.name] = RunningChannel(spec, handler, source, destinations, worker)
         log.info(

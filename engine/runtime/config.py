@@ -50,6 +50,7 @@ class DeliveryConfig(Strict):
     backoff_base_seconds: float = 1.0
     backoff_cap_seconds: float = 300.0
     poll_interval_seconds: float = 0.2
+    stall_seconds: float = 300.0  # a claim older than this belongs to a dead process: take it back
 
 
 class EngineConfig(Strict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 
 from sqlalchemy import Engine
 
@@ -28,6 +29,7 @@ class DeliveryWorker:
         *,
         poll_interval: float = 0.2,
         batch: int = 64,
+        stall: timedelta = timedelta(minutes=5),
     ) -> None:
         self.db = db
         self.channel = channel
@@ -35,6 +37,7 @@ class DeliveryWorker:
         self.policy = policy
         self.poll_interval = poll_interval
         self.batch = batch
+        self.stall = stall
         self.wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -66,7 +69,7 @@ class DeliveryWorker:
                 self.wakeup.clear()
 
     async def drain_once(self) -> int:
-        claimed = await asyncio.to_thread(queue.claim, self.db, self.channel, limit=self.batch)
+        claimed = await asyncio.to_thread(queue.claim, self.db, self.channel, limit=self.batch, stall=self.stall)
         if not claimed:
             return 0
         outcomes = await asyncio.gather(*(self._deliver(d) for d in claimed))

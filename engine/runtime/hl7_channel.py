@@ -47,6 +47,8 @@ class HL7Channel:
         self.commit_ack_only = bool(getattr(spec.source, "commit_ack", False))
         self.accept = set(self.cfg.accept)
         self.filter_types = set(self.cfg.filter.types)
+        self.has_queued = any(isinstance(d, QueuedDestination) for d in self.destinations)
+        self.on_queued: Callable[[], None] | None = None  # wakes the delivery worker
 
     # -- the MLLP handler --------------------------------------------------------------------
     async def handle_frame(self, frame: bytes, _conn: Any = None) -> bytes | None:
@@ -77,6 +79,8 @@ class HL7Channel:
             unit.dedupe = False
         result = await self.writer.submit(unit)
         self._log(unit, result)
+        if self.on_queued is not None and self.has_queued and result.status == MessageStatus.PROCESSED:
+            self.on_queued()  # deliver now rather than at the next poll
         return result, encoding
 
     def prepare(self, raw: bytes) -> tuple[WorkUnit, str]:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, exists, func, select, update
+from sqlalchemy import Engine, and_, exists, select, update
 from sqlalchemy.orm import aliased
 
-from engine.store.models import Delivery, DeliveryState, Message, MessageStatus, utcnow
+from engine.store.models import Delivery, DeliveryState, Message, utcnow
 
 DELIVERIES = Delivery.__table__  # type: ignore[attr-defined]
 MESSAGES = Message.__table__  # type: ignore[attr-defined]
@@ -144,6 +144,20 @@ def record(engine: Engine, attempts: list[Attempt], policy: RetryPolicy) -> dict
     return states
 
 
+def release_claims(engine: Engine) -> int:
+    """Put every `doing` delivery back to `pending`. Only for a store one process owns (SQLite):
+    at start-up its claims can only be left over from a process that died mid-delivery. (With
+    PostgreSQL other live processes may hold claims; there the stall timeout takes them back.)"""
+    now = utcnow()
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(DELIVERIES)
+            .where(DELIVERIES.c.state == DeliveryState.DOING)
+            .values(state=DeliveryState.PENDING, next_attempt_at=now, updated_at=now)
+        )
+    return int(result.rowcount or 0)
+
+
 def revive(engine: Engine, message_id: int) -> int:
     """Put a message's dead deliveries back in the queue (operator replay)."""
     now = utcnow()
@@ -156,14 +170,6 @@ def revive(engine: Engine, message_id: int) -> int:
     return int(result.rowcount or 0)
 
 
-def pending_count(engine: Engine, channel: str | None = None) -> int:
-    stmt = select(func.count()).where(DELIVERIES.c.state.in_([DeliveryState.PENDING, DeliveryState.DOING]))
-    if channel:
-        stmt = stmt.where(DELIVERIES.c.channel == channel)
-    with engine.connect() as conn:
-        return int(conn.execute(stmt).scalar_one())
-
-
 def deliveries_for(engine: Engine, message_id: int) -> list[dict[str, Any]]:
     with engine.connect() as conn:
         rows = (
@@ -172,13 +178,3 @@ def deliveries_for(engine: Engine, message_id: int) -> list[dict[str, Any]]:
             .all()
         )
     return [dict(r) for r in rows]
-
-
-def message_status_counts(engine: Engine, since: datetime | None = None) -> dict[str, int]:
-    stmt = select(MESSAGES.c.status, func.count()).group_by(MESSAGES.c.status)
-    if since:
-        stmt = stmt.where(MESSAGES.c.received_at >= since)
-    counts: dict[str, int] = {s.value: 0 for s in MessageStatus}
-    with engine.connect() as conn:
-        counts.update({status: int(n) for status, n in conn.execute(stmt)})
-    return counts
