@@ -79,6 +79,8 @@ class DeliveryWorker:
         states = await asyncio.to_thread(queue.record, self.db, attempts, self.policy)
         for d, o in zip(claimed, outcomes, strict=True):
             if not o.ok:
+                # the receiver's text may quote the message (PHI): the log names its kind only;
+                # `engine messages show` has the whole text
                 log.warning(
                     "channel=%s delivery=%s destination=%s message=%s state=%s error=%s",
                     self.channel,
@@ -86,7 +88,7 @@ class DeliveryWorker:
                     d.destination,
                     d.message_id,
                     states[d.id],
-                    o.error[:200],
+                    o.error.split(":", 1)[0][:40],
                 )
         return len(claimed)
 
