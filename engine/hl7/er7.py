@@ -552,40 +552,7 @@ class Group(_View):
         sr = p.seg_rep or 1
         if sr > len(idx) or p.field is None:
             return ""
-        # _read(self._msg, idx[sr - 1], p), inline: the mapping's group reads all come here
-        msg = self._msg
-        fields = msg._split.get(idx[sr - 1])
-        if fields is None:
-            fields = msg._fields(idx[sr - 1])
-        f = p.field
-        if f >= len(fields):
-            return ""
-        value = fields[f]
-        if f <= 2 and p.segment == "MSH":
-            return value
-        enc = msg.encoding
-        rs = enc.repetition
-        if rs in value:
-            value = value.split(rs)[0] if p.rep == ALL else _pick(value, rs, p.rep or 1)
-        elif p.rep is not None and p.rep > 1:
-            return ""
-        c = p.component
-        if c is not None:
-            cs = enc.component
-            if cs in value:
-                parts = value.split(cs)
-                value = parts[c - 1] if c <= len(parts) else ""
-            elif c > 1:
-                return ""
-            if p.subcomponent is not None:
-                value = _pick(value, enc.subcomponent, p.subcomponent)
-            elif enc.subcomponent in value:
-                return value
-        elif enc.component in value or enc.subcomponent in value:
-            return value
-        if enc.escape in value:
-            return unescape(value, enc, msg.codec)
-        return value
+        return _read(self._msg, idx[sr - 1], p)
 
     def _append_segment(self, name: str) -> int:
         raise ValueError(f"cannot create a {name} segment inside a group; set it on the message")
