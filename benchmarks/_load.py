@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 VT, FS_CR = b"\x0b", b"\x1c\x0d"
 
@@ -68,3 +70,28 @@ def orm(control_id: str, accession: str, patient: str = "PAT001") -> bytes:
         "HEADACHE|||5678^RADIOLOGIST^RAY",
     ]
     return "\r".join(segments).encode("latin-1") + b"\r"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"port {port} did not open")
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024

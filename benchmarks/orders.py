@@ -40,8 +40,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from _load import LoadResult, orm, run_load  # noqa: E402
-from ingest import free_port, rss_mb, wait_port  # noqa: E402
+from _load import LoadResult, free_port, orm, rss_mb, run_load, wait_port  # noqa: E402  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 from pynetdicom import AE  # noqa: E402
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]  # noqa: E402

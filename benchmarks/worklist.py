@@ -24,7 +24,6 @@ import argparse
 import random
 import shutil
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -37,7 +36,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _load import free_port, wait_port  # noqa: E402
 from pydicom.datadict import dictionary_VR, keyword_dict  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 from pynetdicom import AE  # noqa: E402
@@ -133,23 +134,6 @@ def write_wl_files(items: Iterable[dict[str, Any]], folder: Path) -> None:
 
 
 # -- servers and client --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"port {port} never opened")
 
 
 def dcmtk(tool: str) -> str:
