@@ -33,7 +33,7 @@ def oru(control_id: str, extra_msh: str = "") -> bytes:
 
 
 async def start(tmp_path: Path, channel_yaml: str) -> EngineApp:
-    (tmp_path / "channels").mkdir(exist_ok=True)
+    (tmp_path / "channels").mkdir(parents=True, exist_ok=True)
     (tmp_path / "mappings").mkdir(exist_ok=True)
     (tmp_path / "engine.yaml").write_text(
         f"storage:\n  url: sqlite:///{tmp_path / 'e.db'}\ndicom:\n  enabled: false\n"
@@ -120,13 +120,16 @@ async def test_mllp_release_2_commit_bytes(tmp_path: Path, stop_after) -> None:
 
 
 async def test_charset_override_wins_over_msh18(tmp_path: Path, stop_after) -> None:
-    app = await start(tmp_path, "name: c\nsource: {type: mllp, port: 0}\ncharset: 8859/1\n")
-    stop_after.append(app)
     body = oru("CS-1").replace(b"Doe^Jane", "Müller^Jürgen".encode("latin-1")).replace(
         b"|P|2.5.1", b"|P|2.5.1|||||UNICODE UTF-8")  # declared UTF-8, sent as Latin-1
-    assert b"MSA|AA|CS-1" in await exchange(app, body)
-    with app.db.connect() as conn:
-        assert conn.execute(select(MESSAGES.c.patient_id).where(MESSAGES.c.control_id == "CS-1")).scalar_one()
+    plain = await start(tmp_path / "plain", "name: c\nsource: {type: mllp, port: 0}\n")
+    stop_after.append(plain)
+    refused = Message.parse(await exchange(plain, body))
+    assert refused.get("MSA-1") == "AE" and refused.get("ERR-3.1") == "102"  # not valid UTF-8
+    fixed = await start(tmp_path / "fixed", "name: c\nsource: {type: mllp, port: 0}\ncharset: 8859/1\n")
+    stop_after.append(fixed)
+    assert b"MSA|AA|CS-1" in await exchange(fixed, body)
+    assert statuses(fixed) == {"CS-1": "processed"}
 
 
 async def test_mllp_destination_reads_the_receivers_ack(tmp_path: Path, stop_after) -> None:
