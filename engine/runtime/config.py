@@ -97,6 +97,7 @@ class ChannelSpec:
     file: Path
     mappings: dict[str, Any] = field(default_factory=dict)  # type -> compiled Mapping
     filter_conditions: list[Any] = field(default_factory=list)
+    doc: YamlDocument | None = None  # where each key came from, for problems found across channels
 
 
 @dataclass
@@ -150,25 +151,19 @@ def load_config(
             problems += found
             if spec is None:
                 continue
-            shown = _rel(file, base)
             if spec.config.name in seen:
                 problems.append(
-                    Problem(
-                        shown,
-                        1,
-                        1,
-                        "name",
-                        f"channel name {spec.config.name!r} is also used by {seen[spec.config.name]}",
-                    )
+                    spec.doc.problem(("name",), f"channel name {spec.config.name!r} is also used by "
+                                     f"{seen[spec.config.name]}")  # type: ignore[union-attr]
                 )
-            seen[spec.config.name] = shown
+            seen[spec.config.name] = _rel(file, base)
             port = getattr(spec.source, "port", None)
             host = getattr(spec.source, "host", "")
             if spec.config.enabled and port:
                 if (host, port) in ports:
                     problems.append(
-                        Problem(
-                            shown, 1, 1, "source.port", f"port {port} is also used by channel {ports[(host, port)]}"
+                        spec.doc.problem(  # type: ignore[union-attr]
+                            ("source", "port"), f"port {port} is also used by channel {ports[(host, port)]}"
                         )
                     )
                 ports[(host, port)] = spec.config.name
@@ -210,7 +205,7 @@ def _load_channel(
             destinations.append(dest)
     if cfg is None:
         return None, problems
-    spec = ChannelSpec(config=cfg, source=source, destinations=destinations, file=file)  # type: ignore[arg-type]
+    spec = ChannelSpec(config=cfg, source=source, destinations=destinations, file=file, doc=doc)  # type: ignore[arg-type]
     if load_mappings and cfg.mappings:
         _load_channel_mappings(doc, spec, base / engine_cfg.mappings_dir, base, problems)
     if cfg.filter.when:

@@ -85,7 +85,8 @@ def test_two_channels_on_one_port_is_an_error(tmp_path: Path, registry: Registry
     path = write(tmp_path, "", a=GOOD_CHANNEL, b=GOOD_CHANNEL.replace("name: orders", "name: other"))
     with pytest.raises(ConfigError) as info:
         load_config(path, registry, env={})
-    assert any("port 2575 is also used by channel orders" in str(p) for p in info.value.problems)
+    assert any(str(p).startswith("channels/b.yaml:4:3 source.port: port 2575 is also used by channel orders")
+               for p in info.value.problems), [str(p) for p in info.value.problems]
 
 
 def test_yaml_syntax_error_cites_line(tmp_path: Path, registry: Registry) -> None:
