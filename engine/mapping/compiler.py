@@ -18,8 +18,6 @@ from typing import Any
 
 from engine.configfile import Problem
 from engine.errors import ProcessingError
-from engine.mapping import paths as hp
-from engine.mapping.conditions import ConditionError, parse_condition
 from engine.mapping.context import (
     CONTAINERS,
     FALSY_EMPTY,
@@ -33,7 +31,14 @@ from engine.mapping.context import (
     position,
 )
 from engine.mapping.reading import MESSAGE_LEVEL, Parts, Scope, _parts
-from engine.mapping.rules import BASE_RULE_KEYS, _value_location, compile_literal, compile_rule, is_rule
+from engine.mapping.rules import (
+    BASE_RULE_KEYS,
+    _value_location,
+    compile_literal,
+    compile_rule,
+    compile_when,
+    is_rule,
+)
 
 __all__ = [
     "BASE_RULE_KEYS",
@@ -277,12 +282,7 @@ def _compile_repeat(item: dict, parent: list, i: int, kp: str, ctx: CompileConte
     kind = item.get("for_each")
     if kind not in ("ORDER", "OBSERVATION"):
         ctx.problem(item, "for_each", f"{kp}.for_each", "for_each must be ORDER or OBSERVATION")
-    when = None
-    if "when" in item:
-        try:
-            when, _ = parse_condition(item["when"], hp.compile_path, hp.is_list)
-        except ConditionError as exc:
-            ctx.problem(item, "when", f"{kp}.when", str(exc))
+    when = compile_when(item, kp, ctx)
     fields = item.get("fields")
     if not isinstance(fields, dict) or not fields:
         ctx.problem(parent, i, kp, "a repeated item needs fields: (the targets of each item)")

@@ -73,6 +73,17 @@ def compile_literal(value: Any, parent: Any, key: Any, kp: str, ctx: CompileCont
     return None
 
 
+def compile_when(node: dict, kp: str, ctx: CompileContext) -> Any:
+    """The node's `when:` condition, or None; a bad one is a problem at its line."""
+    if "when" not in node:
+        return None
+    try:
+        return parse_condition(node["when"], hp.compile_path, hp.is_list)[0]
+    except ConditionError as exc:
+        ctx.problem(node, "when", f"{kp}.when", str(exc))
+        return None
+
+
 def compile_rule(node: dict, parent: Any, key: Any, kp: str, ctx: CompileContext) -> Evaluator | None:
     """One rule -> a closure scope -> value (or OMIT). Returns None (and records problems) if bad."""
     bad = len(ctx.problems)
@@ -172,12 +183,7 @@ def compile_rule(node: dict, parent: Any, key: Any, kp: str, ctx: CompileContext
     if on_missing is not None and "map" not in node and "table" not in node:
         ctx.problem(node, "on_missing", f"{kp}.on_missing", "on_missing needs map: or table:")
 
-    when = None
-    if "when" in node:
-        try:
-            when, _ = parse_condition(node["when"], hp.compile_path, hp.is_list)
-        except ConditionError as exc:
-            ctx.problem(node, "when", f"{kp}.when", str(exc))
+    when = compile_when(node, kp, ctx)
 
     options: dict[str, list[tuple[str, Any]]] = {}
     for f in formats:
