@@ -61,16 +61,23 @@ def _string_clause(column: Any, value: str, *, prefix_only: bool = False) -> Col
     return and_(column >= prefix, column < prefix + _TOP)
 
 
+def _key_clauses(keys: dict[str, Any], columns: dict[str, Any]) -> list[ColumnElement[bool]]:
+    """Narrowing clauses for the non-universal keys that have an indexed column."""
+    out = []
+    for kw, column in columns.items():
+        key = keys.get(kw)
+        if key is not None and not key.universal:
+            clause = _string_clause(column, key.value)
+            if clause is not None:
+                out.append(clause)
+    return out
+
+
 def _clauses(query: Query) -> list[ColumnElement[bool]]:
     where: list[ColumnElement[bool]] = [T.c.status.in_(OPEN_STATUSES)]
     top = {k.keyword: k for k in query.keys}
     sps = {k.keyword: k for k in query.sps}
-    for kw, column in _TOP_COLUMNS.items():
-        key = top.get(kw)
-        if key is not None and not key.universal:
-            clause = _string_clause(column, key.value)
-            if clause is not None:
-                where.append(clause)
+    where += _key_clauses(top, _TOP_COLUMNS)
     name = top.get("PatientName")
     if name is not None and not name.universal and "\\" not in name.value:
         # the matcher also accepts the first component group alone: narrow by prefix only
@@ -82,12 +89,7 @@ def _clauses(query: Query) -> list[ColumnElement[bool]]:
         uids = [u.strip() for u in uid.value.split("\\") if u.strip()]
         if uids:
             where.append(T.c.study_instance_uid.in_(uids))
-    for kw, column in _SPS_COLUMNS.items():
-        key = sps.get(kw)
-        if key is not None and not key.universal:
-            clause = _string_clause(column, key.value)
-            if clause is not None:
-                where.append(clause)
+    where += _key_clauses(sps, _SPS_COLUMNS)
     date = sps.get("ScheduledProcedureStepStartDate")
     if date is not None and not date.universal:
         lo, hi = _da_bounds(date.value)
