@@ -27,7 +27,7 @@ class RawInsert:
             for c in table.columns
             if c.default is not None and c.default.is_scalar  # type: ignore[attr-defined]
         }
-        mark = _marker(dialect)
+        mark = marker(dialect)
         names = ", ".join(self.columns)
         self.sql = f"INSERT INTO {table.name} ({names}) VALUES ({', '.join([mark] * len(self.columns))}) RETURNING id"
         self.processors: list[Callable[[Any], Any] | None] = [
@@ -59,7 +59,7 @@ class RawSelect:
 
     def __init__(self, table: Table, dialect: Dialect, where: Sequence[str]) -> None:
         self.names = [c.name for c in table.columns]
-        mark = _marker(dialect)
+        mark = marker(dialect)
         cond = " AND ".join(f"{name} = {mark}" for name in where)
         self.sql = f"SELECT {', '.join(self.names)} FROM {table.name} WHERE {cond} ORDER BY id"
         self.processors = [
@@ -105,10 +105,7 @@ def raw_select(conn: Connection, sql: str, params: Sequence[Any]) -> list[tuple[
 
 
 def marker(dialect: Dialect) -> str:
-    return _marker(dialect)
-
-
-def _marker(dialect: Dialect) -> str:
+    """The DBAPI's parameter placeholder."""
     return "?" if dialect.paramstyle == "qmark" else "%s"
 
 

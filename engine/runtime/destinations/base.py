@@ -43,7 +43,6 @@ class MessageContext:
     control_id: str
     received_at: datetime
     message_id: int | None = None  # set by the writer once the row exists
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
