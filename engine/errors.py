@@ -8,6 +8,8 @@ fields, not their values.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 # HL7 table 0357 message error condition codes used by the engine.
 SEGMENT_SEQUENCE_ERROR = 100
 REQUIRED_FIELD_MISSING = 101
@@ -46,3 +48,27 @@ class ProcessingError(Exception):
         where = f" at {self.location}" if self.location else ""
         src = f" ({self.source})" if self.source else ""
         return f"{self.text}{where}{src}"
+
+
+@dataclass(frozen=True)
+class ProcessingWarning:
+    """An optional value that was dropped or cut so that the message could still be processed.
+
+    The message is accepted (`AA`); the warning is stored with it and answered as an ERR segment
+    of severity W (ERR-4). Like `ProcessingError`, its text names the field, never the value.
+    """
+
+    text: str
+    code: int = DATA_TYPE_ERROR
+    location: str = ""  # HL7 location (ERR-2), e.g. "ORC-7.6"
+    source: str = ""  # e.g. "mappings/orm-to-worklist.yaml:42"
+    target: str = ""  # the output field, e.g. "RequestedProcedurePriority"
+
+    def __str__(self) -> str:
+        where = f" at {self.location}" if self.location else ""
+        src = f" ({self.source})" if self.source else ""
+        return f"{self.text}{where}{src}"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"text": self.text, "code": self.code, "location": self.location,
+                "source": self.source, "target": self.target}

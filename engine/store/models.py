@@ -54,6 +54,8 @@ class Message(SQLModel, table=True):
     error_code: int | None = None
     error_location: str = Field(default="", max_length=100)
     ack: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    # JSON list of ProcessingWarning.as_dict(): optional values dropped or cut ("" when none)
+    warnings: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
     replay_of: int | None = None
 
 
