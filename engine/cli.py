@@ -89,8 +89,9 @@ def run(config: ConfigOpt = DEFAULT_CONFIG) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await engine_app.start()
-        ports = ", ".join(f"{name}:{engine_app.port_of(name)}" for name in engine_app.channels)
-        console.print(f"engine running ({ports}); Ctrl-C stops it", highlight=False)
+        for what, ep in engine_app.endpoints():
+            console.print(f"  {what:<16} {ep}", highlight=False)
+        console.print("engine running; Ctrl-C stops it", highlight=False)
         await stop.wait()
         await engine_app.stop()
 

@@ -7,8 +7,10 @@ Every problem is collected (a typo must not hide the next one) and reported as
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,10 +149,42 @@ def validate(
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
                 msg = "unknown key (check the spelling; unknown keys are not ignored)"
+                close = difflib.get_close_matches(str(loc[-1]), _keys_at(model, loc[len(at):-1]), n=1)
+                if close:
+                    msg = f"unknown key; did you mean {close[0]!r}?"
             elif err["type"] == "missing":
                 msg = "required key is missing"
             problems.append(doc.problem(loc, msg))
         return None, problems
+
+
+def _keys_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys the (nested) model at `loc` knows, aliases included, for "did you mean"."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) and issubclass(current, BaseModel) else None
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+    if not (isinstance(current, type) and issubclass(current, BaseModel)):
+        return []
+    keys = []
+    for name, field in current.model_fields.items():
+        keys.append(field.alias or name)
+    return keys
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel inside `X`, `X | None`, `list[X]` or `dict[str, X]`, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _plain(node: Any) -> Any:

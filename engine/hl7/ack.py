@@ -10,10 +10,11 @@ import itertools
 import os
 import re
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from typing import NamedTuple
 
-from engine.errors import ProcessingError
+from engine.errors import ProcessingError, ProcessingWarning
 from engine.hl7.er7 import DEFAULT_ENCODING, Encoding, Message, compile_path
 from engine.hl7.escape import escape
 
@@ -126,6 +127,7 @@ def _build(
     code: str,
     error: ProcessingError | None,
     control_id: str | None,
+    warnings: Sequence[ProcessingWarning] = (),
 ) -> str:
     code = code.upper()
     if code not in ACK_CODES:
@@ -153,18 +155,25 @@ def _build(
     while msa[-1] == "":
         msa.pop()
     segs = [fs.join(_clean(x) for x in msh), fs.join(msa)]
+    old_version = _version_lt_25(h.get("MSH-12.1", ""))
     if error is not None:
-        ecode = int(error.code) if str(error.code).isdigit() else 207
-        loc = erl(error.location, enc)
-        cwe = cs.join([str(ecode), escape(TABLE_0357.get(ecode, "Application error"), enc), "HL70357"])
-        err1 = ""
-        if _version_lt_25(h.get("MSH-12.1", "")):  # v2.3/2.4 receivers read ERR-1 (ELD) only
-            eld = loc.split(cs)[:3] if loc else ["", "", ""]
-            eld += [""] * (3 - len(eld))
-            err1 = cs.join(eld + [cwe.replace(cs, enc.subcomponent)])
-        err = ["ERR", err1, loc, cwe, "E", "", "", "", escape(text, enc)]
-        segs.append(fs.join(err))
+        segs.append(_err(enc, error.code, error.location, text, "E", old_version))
+    for w in warnings:  # HL7 v2.5 ERR-4 severity W: accepted, but this value was dropped or cut
+        segs.append(_err(enc, w.code, w.location, w.text, "W", old_version))
     return "\r".join(segs) + "\r"
+
+
+def _err(enc: Encoding, code: int, location: str, text: str, severity: str, old_version: bool) -> str:
+    cs = enc.component
+    ecode = int(code) if str(code).isdigit() else 207
+    loc = erl(location, enc)
+    cwe = cs.join([str(ecode), escape(TABLE_0357.get(ecode, "Application error"), enc), "HL70357"])
+    err1 = ""
+    if old_version:  # v2.3/2.4 receivers read ERR-1 (ELD) only
+        eld = loc.split(cs)[:3] if loc else ["", "", ""]
+        eld += [""] * (3 - len(eld))
+        err1 = cs.join(eld + [cwe.replace(cs, enc.subcomponent)])
+    return enc.field.join(["ERR", err1, loc, cwe, severity, "", "", "", escape(text, enc)])
 
 
 def build_ack(
@@ -173,6 +182,7 @@ def build_ack(
     error: ProcessingError | None = None,
     *,
     control_id: str | None = None,
+    warnings: Sequence[ProcessingWarning] = (),
 ) -> str:
     """ACK for msg: sender/receiver swapped, same version, MSA-2 = its MSH-10, ERR from `error`."""
     enc = msg.encoding
@@ -196,7 +206,7 @@ def build_ack(
     }
     h["trigger"] = escape(msg.trigger, enc)
     h["MSH-12.1"] = msg.version
-    return _build(h, enc, code, error, control_id)
+    return _build(h, enc, code, error, control_id, warnings)
 
 
 def build_ack_from_raw(raw: bytes, code: str, error: ProcessingError | None) -> str | None:

@@ -12,11 +12,13 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from engine.hl7.adapter import HL7Adapter
 from engine.runtime.config import ChannelSpec, LoadedConfig
 from engine.runtime.delivery import DeliveryWorker
-from engine.runtime.destinations.base import Destination, QueuedDestination
-from engine.runtime.hl7_channel import HL7Channel
+from engine.runtime.destinations.base import QueuedDestination
+from engine.runtime.pipeline import Pipeline
 from engine.runtime.registry import Registry
+from engine.runtime.sources.base import Endpoint, Source
 from engine.store import queue
 from engine.store.db import init_db, make_engine
 from engine.store.writer import Writer
@@ -32,19 +34,24 @@ COMPONENT_MODULES = [
 ]
 
 
+# One adapter per input kind; each lives with its protocol (which may not import the runtime).
+ADAPTERS = [HL7Adapter]
+
+
 def default_registry() -> Registry:
     registry = Registry()
     for name in COMPONENT_MODULES:
         importlib.import_module(name).register(registry)
+    for adapter in ADAPTERS:
+        registry.add_adapter(adapter)
     return registry
 
 
 @dataclass
 class RunningChannel:
     spec: ChannelSpec
-    handler: HL7Channel
-    source: Any
-    destinations: list[Destination]
+    pipeline: Pipeline
+    source: Source
     worker: DeliveryWorker | None = None
 
 
@@ -82,16 +89,11 @@ class EngineApp:
 
     async def _start_channel(self, spec: ChannelSpec, policy: queue.RetryPolicy) -> None:
         assert self.writer is not None and self.db is not None
-        destinations: list[Destination] = []
-        for dcfg in spec.destinations:
-            cls = self.registry.destinations[dcfg.type]  # type: ignore[attr-defined]
-            dest = cls(dcfg, base_dir=self.config.base_dir)
+        pipeline = Pipeline.build(spec, self.registry, self.writer, self.config.base_dir)
+        for dest in pipeline.destinations:
             await dest.start()
-            destinations.append(dest)
-        handler = HL7Channel(spec, destinations, self.writer)
-        source_cls = self.registry.sources[spec.source.type]  # type: ignore[attr-defined]
-        source = source_cls(spec.source, handler.handle_frame)
-        queued = {d.name: d for d in destinations if isinstance(d, QueuedDestination)}
+        source = self.registry.build_source(spec.source, pipeline)
+        queued = {d.name: d for d in pipeline.destinations if isinstance(d, QueuedDestination)}
         worker = None
         if queued:
             worker = DeliveryWorker(
@@ -103,15 +105,11 @@ class EngineApp:
                 stall=timedelta(seconds=self.config.engine.delivery.stall_seconds),
             )
             worker.start()
-            handler.on_queued = worker.poke
+            pipeline.on_queued = worker.poke
         await source.start()
-        self.channels[spec.config.name] = RunningChannel(spec, handler, source, destinations, worker)
-        log.info(
-            "channel %s listening on %s:%s",
-            spec.config.name,
-            spec.source.host,  # type: ignore[attr-defined]
-            source.port,
-        )
+        self.channels[spec.config.name] = RunningChannel(spec, pipeline, source, worker)
+        for ep in source.endpoints():
+            log.info("channel %s (%s) listening on %s", spec.config.name, spec.input.type, ep)
 
     def _start_scp(self) -> None:
         from engine.dicom.mwl_scp import WorklistSCP
@@ -153,7 +151,7 @@ class EngineApp:
         for ch in self.channels.values():
             if ch.worker is not None:
                 await ch.worker.stop()
-            for dest in ch.destinations:
+            for dest in ch.pipeline.destinations:
                 await dest.stop()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
@@ -165,4 +163,13 @@ class EngineApp:
             self.db.dispose()
 
     def port_of(self, channel: str) -> int:
-        return int(self.channels[channel].source.port)
+        """The first bound port of the channel's source (tests and the banner use it)."""
+        return self.channels[channel].source.endpoints()[0].port
+
+    def endpoints(self) -> list[tuple[str, Endpoint]]:
+        """Every listener, for the start-up banner: (what, where)."""
+        found = [(name, ep) for name, ch in self.channels.items() for ep in ch.source.endpoints()]
+        if self.scp is not None:
+            d = self.config.engine.dicom
+            found.append((f"DICOM {d.ae_title}", Endpoint("dicom", d.host, int(self.scp.port))))
+        return found

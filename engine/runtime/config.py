@@ -7,6 +7,7 @@ by the registered class's own model) and each mapping file the channels name.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,7 +17,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.configfile import ConfigError, Problem, YamlDocument, read_yaml, validate
+from engine.inputs import AdapterOptions
+from engine.runtime.destinations.base import RAW, DestinationConfig, raw_of
 from engine.runtime.registry import Registry
+from engine.runtime.sources.base import SourceConfig
 
 
 class Strict(BaseModel):
@@ -73,27 +77,35 @@ class DedupeConfig(Strict):
     enabled: bool = True
 
 
+# channel keys that moved into a block of their own, and where to write them now
+MOVED_KEYS = {
+    "validate": "input.validate (input: {type: hl7v2, validate: true})",
+    "charset": "input.charset (input: {type: hl7v2, charset: ISO-8859-1})",
+}
+
+
 class ChannelConfig(Strict):
+    """The protocol-neutral part of a channel file; `source`, `input` and each destination are
+    blocks validated by their registered component's own model."""
+
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
     enabled: bool = True
     source: dict[str, Any]
-    accept: list[str] = []  # message types the channel takes; others are rejected with AR 200
-    validate_structure: bool = Field(False, alias="validate")
-    charset: str | None = None  # overrides MSH-18
+    input: str | dict[str, Any] | None = None  # input kind (hl7v2 ...) and its options; default: the source's
+    accept: list[str] = []  # message types the channel takes; others are rejected (HL7: AR 200)
     dedupe: DedupeConfig = DedupeConfig()
     filter: FilterConfig = FilterConfig()
     mappings: dict[str, str] = {}  # message type (or "*") -> mapping file under mappings_dir
     destinations: list[dict[str, Any]] = []
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
 
 @dataclass
 class ChannelSpec:
     config: ChannelConfig
-    source: BaseModel
-    destinations: list[BaseModel]
+    source: SourceConfig
+    input: AdapterOptions
+    destinations: list[DestinationConfig]
     file: Path
     mappings: dict[str, Any] = field(default_factory=dict)  # type -> compiled Mapping
     filter_conditions: list[Any] = field(default_factory=list)
@@ -124,6 +136,8 @@ def _rel(path: Path, base: Path) -> str:
 def load_config(
     path: Path, registry: Registry, *, env: Mapping[str, str] | None = None, load_mappings: bool = True
 ) -> LoadedConfig:
+    """Every stage is checked even when an earlier one has problems: all of them are reported in
+    one run, sorted by file and line."""
     path = path.resolve()
     base = path.parent
     problems: list[Problem] = []
@@ -145,31 +159,29 @@ def load_config(
         problems.append(Problem(_rel(path, base), 1, 1, "channels_dir", f"folder {channels_dir} does not exist"))
     else:
         seen: dict[str, str] = {}
-        ports: dict[tuple[str, int], str] = {}
+        listening: dict[tuple[str, int], str] = {}
+        if engine_cfg.dicom.enabled and engine_cfg.dicom.port:
+            listening[(engine_cfg.dicom.host, engine_cfg.dicom.port)] = "the DICOM listener (engine.yaml dicom.port)"
         for file in sorted(channels_dir.glob("*.y*ml")):
-            spec, found = _load_channel(file, base, engine_cfg, registry, env, load_mappings)
+            spec, chdoc, found = _load_channel(file, base, engine_cfg, registry, env, load_mappings)
             problems += found
-            if spec is None:
+            if spec is None or chdoc is None:
                 continue
             if spec.config.name in seen:
-                problems.append(
-                    spec.doc.problem(("name",), f"channel name {spec.config.name!r} is also used by "
-                                     f"{seen[spec.config.name]}")  # type: ignore[union-attr]
-                )
+                other = seen[spec.config.name]
+                problems.append(chdoc.problem(("name",), f"channel name {spec.config.name!r} is also used by {other}"))
             seen[spec.config.name] = _rel(file, base)
-            port = getattr(spec.source, "port", None)
-            host = getattr(spec.source, "host", "")
-            if spec.config.enabled and port:
-                if (host, port) in ports:
-                    problems.append(
-                        spec.doc.problem(  # type: ignore[union-attr]
-                            ("source", "port"), f"port {port} is also used by channel {ports[(host, port)]}"
-                        )
-                    )
-                ports[(host, port)] = spec.config.name
+            if spec.config.enabled:
+                for ep in spec.source.endpoints():
+                    if not ep.port:
+                        continue
+                    if (ep.host, ep.port) in listening:
+                        user = listening[(ep.host, ep.port)]
+                        problems.append(chdoc.problem(("source", "port"), f"port {ep.port} is also used by {user}"))
+                    listening[(ep.host, ep.port)] = f"channel {spec.config.name}"
             channels.append(spec)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(sorted(problems, key=lambda p: (p.file, p.line, p.column)))
     return LoadedConfig(path=path, base_dir=base, engine=engine_cfg, channels=channels)
 
 
@@ -180,64 +192,158 @@ def _load_channel(
     registry: Registry,
     env: Mapping[str, str] | None,
     load_mappings: bool,
-) -> tuple[ChannelSpec | None, list[Problem]]:
+) -> tuple[ChannelSpec | None, YamlDocument | None, list[Problem]]:
     doc, problems = read_yaml(file, env=env, display=_rel(file, base))
     if doc is None:
-        return None, problems
-    cfg, found = validate(doc, ChannelConfig)
+        return None, None, problems
+    raw: dict[str, Any] = dict(doc.data) if isinstance(doc.data, dict) else {}
+    for key, place in MOVED_KEYS.items():
+        if key in raw:
+            problems.append(doc.problem((key,), f"this key has moved: write it as {place}"))
+            raw.pop(key)
+    cfg, found = validate(doc, ChannelConfig, data=raw)
     problems += found
-    # the source and destination blocks are checked even when the channel level has errors
-    raw = doc.data if isinstance(doc.data, dict) else {}
+    # every block is checked even when the channel level has errors: all problems in one run
     source = None
     if isinstance(raw.get("source"), dict):
-        source = _component(doc, ("source",), raw["source"], registry.sources, "source", problems)
-    destinations = []
+        source = _component(doc, ("source",), raw["source"], registry, "source", problems)
+    options = _input(doc, raw, source, registry, problems)
+    destinations: list[DestinationConfig] = []
     names: set[str] = set()
     blocks = raw.get("destinations") if isinstance(raw.get("destinations"), list) else []
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(blocks or []):
         if not isinstance(block, dict):
             continue
-        dest = _component(doc, ("destinations", i), block, registry.destinations, "destination", problems)
+        dest = _component(doc, ("destinations", i), block, registry, "destination", problems)
         if dest is not None:
             if dest.name in names:
                 problems.append(doc.problem(("destinations", i, "name"), f"destination name {dest.name!r} repeats"))
             names.add(dest.name)
             destinations.append(dest)
-    if cfg is None:
-        return None, problems
-    spec = ChannelSpec(config=cfg, source=source, destinations=destinations, file=file, doc=doc)  # type: ignore[arg-type]
-    if load_mappings and cfg.mappings:
-        _load_channel_mappings(doc, spec, base / engine_cfg.mappings_dir, base, problems)
-    if cfg.filter.when:
-        _compile_filters(doc, spec, problems)
-    return (spec if source is not None else None), problems
+    mappings: dict[str, Any] = {}
+    if load_mappings and isinstance(raw.get("mappings"), dict):
+        folder = base / engine_cfg.mappings_dir
+        mappings = _load_channel_mappings(doc, raw["mappings"], folder, base, registry, problems)
+    conditions: list[Any] = []
+    when = raw.get("filter", {}).get("when") if isinstance(raw.get("filter"), dict) else None
+    if isinstance(when, list):
+        conditions = _compile_filters(doc, when, problems)
+    if cfg is None or source is None or options is None:
+        return None, doc, problems
+    spec = ChannelSpec(
+        config=cfg,
+        source=source,
+        input=options,
+        destinations=destinations,
+        file=file,
+        mappings=mappings,
+        filter_conditions=conditions,
+        doc=doc,
+    )
+    problems += _check_routes(doc, spec, registry, load_mappings)
+    return spec, doc, problems
+
+
+def _input(
+    doc: YamlDocument, raw: dict[str, Any], source: Any, registry: Registry, problems: list[Problem]
+) -> AdapterOptions | None:
+    """The channel's input kind and its options (`input: hl7v2` or `input: {type: hl7v2, ...}`)."""
+    block = raw.get("input")
+    if block is None:
+        kind = getattr(registry.sources.get(source.type), "default_input", None) if source is not None else None
+        block = {"type": kind} if kind else None
+        if block is None:
+            if source is not None:
+                problems.append(doc.problem(("input",), "name the input kind (e.g. input: hl7v2)"))
+            return None
+    elif isinstance(block, str):
+        block = {"type": block}
+    if not isinstance(block, dict):
+        return None
+    options = _component(doc, ("input",), block, registry, "input", problems)
+    return options if isinstance(options, AdapterOptions) else None
 
 
 def _component(
     doc: YamlDocument,
     loc: tuple[Any, ...],
     block: dict[str, Any],
-    known: dict[str, type],
+    registry: Registry,
     what: str,
     problems: list[Problem],
 ) -> Any:
     kind = block.get("type")
-    if kind not in known:
-        choices = ", ".join(sorted(known)) or "none registered"
-        problems.append(doc.problem((*loc, "type"), f"unknown {what} type {kind!r} (known: {choices})"))
+    model = registry.config_model(what, kind) if isinstance(kind, str) else None
+    if model is None:
+        known = registry.known(what)
+        close = difflib.get_close_matches(str(kind), known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        choices = ", ".join(known) or "none registered"
+        at = (*loc, "type") if what != "input" or "type" in block else loc
+        problems.append(doc.problem(at, f"unknown {what} type {kind!r} (known: {choices}){hint}"))
         return None
-    parsed, found = validate(doc, known[kind].Config, at=loc, data=block)
+    parsed, found = validate(doc, model, at=loc, data=block)
     problems += found
     return parsed
 
 
+def _check_routes(doc: YamlDocument, spec: ChannelSpec, registry: Registry, mappings_loaded: bool) -> list[Problem]:
+    """Each destination must be able to take what reaches it: the raw unit, or the output kind of
+    the mapping for every message type routed to it."""
+    problems: list[Problem] = []
+    kind = spec.input.type
+    for mtype, mapping in spec.mappings.items():
+        if mapping.input != kind:
+            problems.append(
+                doc.problem(("mappings", mtype), f"mapping {mapping.name} reads {mapping.input} input, "
+                            f"but this channel's input is {kind}")
+            )
+    for i, dest in enumerate(spec.destinations):
+        takes = registry.destinations[dest.type].takes(dest)
+        if RAW in takes or raw_of(kind) in takes:
+            continue
+        raw_only = {t for t in takes if t.startswith(RAW)}
+        if raw_only:
+            inputs = ", ".join(sorted(t.split(":", 1)[1] for t in raw_only))
+            problems.append(
+                doc.problem(("destinations", i, "type"), f"destination {dest.name!r} ({dest.type}) forwards {inputs} "
+                            f"as received and cannot take this channel's {kind} input")
+            )
+            continue
+        if not mappings_loaded:
+            continue
+        types = dest.types or spec.config.accept or sorted(spec.config.mappings)
+        wants = f"destination {dest.name!r} ({dest.type}) takes {'/'.join(sorted(takes))} outputs"
+        for mtype in types:
+            mapping = spec.mappings.get(mtype) or spec.mappings.get("*")
+            if mapping is None:
+                if mtype in spec.config.mappings or "*" in spec.config.mappings:
+                    continue  # the mapping itself failed to load: reported already
+                missing = f"{wants}, but {mtype} has no mapping (add it under mappings:)"
+                problems.append(doc.problem(("destinations", i, "type"), missing))
+            elif mapping.output not in takes:
+                problems.append(
+                    doc.problem(("destinations", i, "type"),
+                                f"{wants}, but mapping {mapping.name} for {mtype} makes {mapping.output}")
+                )
+    return problems
+
+
 def _load_channel_mappings(
-    doc: YamlDocument, spec: ChannelSpec, mappings_dir: Path, base: Path, problems: list[Problem]
-) -> None:
+    doc: YamlDocument,
+    table: dict[str, Any],
+    mappings_dir: Path,
+    base: Path,
+    registry: Registry,
+    problems: list[Problem],
+) -> dict[str, Any]:
     from engine.mapping import MappingConfigError, load_mapping
 
+    loaded: dict[str, Any] = {}
     cache: dict[Path, Any] = {}
-    for mtype, name in spec.config.mappings.items():
+    for mtype, name in table.items():
+        if not isinstance(name, str):
+            continue
         file = (mappings_dir / name).resolve()
         if not file.is_file():
             problems.append(doc.problem(("mappings", mtype), f"mapping file {_rel(file, base)} does not exist"))
@@ -251,14 +357,17 @@ def _load_channel_mappings(
                 )
                 cache[file] = None
         if cache[file] is not None:
-            spec.mappings[mtype] = cache[file]
+            loaded[str(mtype)] = cache[file]
+    return loaded
 
 
-def _compile_filters(doc: YamlDocument, spec: ChannelSpec, problems: list[Problem]) -> None:
+def _compile_filters(doc: YamlDocument, when: list[Any], problems: list[Problem]) -> list[Any]:
     from engine.mapping import compile_condition
 
-    for i, text in enumerate(spec.config.filter.when):
+    conditions = []
+    for i, text in enumerate(when):
         try:
-            spec.filter_conditions.append(compile_condition(text))
+            conditions.append(compile_condition(str(text)))
         except ValueError as exc:
             problems.append(doc.problem(("filter", "when", i), f"bad condition: {exc}"))
+    return conditions

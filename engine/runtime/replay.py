@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from engine.runtime.app import default_registry
 from engine.runtime.config import LoadedConfig
-from engine.runtime.hl7_channel import HL7Channel
+from engine.runtime.pipeline import Pipeline
 from engine.store import queue
 from engine.store.db import init_db, make_engine
 from engine.store.messages import get_message
@@ -26,7 +26,7 @@ async def replay(loaded: LoadedConfig, message_ids: list[int], *, reprocess: boo
     writer = Writer(db, dedupe_window=timedelta(hours=loaded.engine.storage.dedupe_window_hours))
     writer.start()
     specs = {s.config.name: s for s in loaded.channels}
-    channels: dict[str, HL7Channel] = {}
+    channels: dict[str, Pipeline] = {}
     lines = []
     try:
         for mid in message_ids:
@@ -44,12 +44,8 @@ async def replay(loaded: LoadedConfig, message_ids: list[int], *, reprocess: boo
                 lines.append(f"{mid}: channel {row['channel']} is no longer configured")
                 continue
             if spec.config.name not in channels:
-                dests = [
-                    registry.destinations[d.type](d, base_dir=loaded.base_dir)  # type: ignore[attr-defined]
-                    for d in spec.destinations
-                ]
-                channels[spec.config.name] = HL7Channel(spec, dests, writer)
-            result, _ = await channels[spec.config.name].receive(row["raw"], replay_of=mid)
+                channels[spec.config.name] = Pipeline.build(spec, registry, writer, loaded.base_dir)
+            result = await channels[spec.config.name].receive(row["raw"], replay_of=mid)
             detail = f" ({result.error})" if result.error else ""
             lines.append(f"{mid}: reprocessed as message {result.message_id}, status {result.status}{detail}")
     finally:

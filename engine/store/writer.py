@@ -12,26 +12,32 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, insert
 from sqlalchemy.engine import Connection
 
-from engine.errors import APPLICATION_INTERNAL_ERROR, ProcessingError
+from engine.errors import APPLICATION_INTERNAL_ERROR, ProcessingError, ProcessingWarning
 from engine.store.fastsql import RawInsert, Savepoint, marker, raw_select
 from engine.store.models import Delivery, Message, MessageStatus, utcnow
 
 log = logging.getLogger(__name__)
 
-MESSAGES = Message.__table__  # type: ignore[attr-defined]
-DELIVERIES = Delivery.__table__  # type: ignore[attr-defined]
+MESSAGES = Message.__table__  # type: ignore[attr-defined]  # SQLModel adds __table__ at class creation
+DELIVERIES = Delivery.__table__  # type: ignore[attr-defined]  # (same)
+# the text columns a sender fills, cut to the schema's lengths (a long MSH-10 must not fail the insert)
+_LIMITS = {
+    name: MESSAGES.c[name].type.length
+    for name in ("sender", "control_id", "message_type", "patient_id", "error_location")
+}
 
 
 @dataclass
@@ -65,6 +71,8 @@ class WorkUnit:
     body_hash: str = ""
     dedupe: bool = True
     replay_of: int | None = None
+    # optional values dropped or cut on the way (stored with the message, answered as ERR W)
+    warnings: list[ProcessingWarning] = field(default_factory=list)
 
 
 @dataclass
@@ -357,12 +365,13 @@ class Writer:
     def _values(
         unit: WorkUnit, digest: str, status: str, answer: str, exc: ProcessingError | None, flags: str
     ) -> dict[str, Any]:
+        cut = _LIMITS
         return {
             "channel": unit.channel,
-            "sender": unit.sender[:400],
-            "control_id": unit.control_id[:200],
-            "message_type": unit.message_type[:40],
-            "patient_id": unit.patient_id[:200],
+            "sender": unit.sender[: cut["sender"]],
+            "control_id": unit.control_id[: cut["control_id"]],
+            "message_type": unit.message_type[: cut["message_type"]],
+            "patient_id": unit.patient_id[: cut["patient_id"]],
             "body_hash": digest,
             "raw": unit.raw,
             "received_at": unit.received_at,
@@ -371,8 +380,9 @@ class Writer:
             "flags": flags,
             "error": str(exc) if exc else "",
             "error_code": exc.code if exc else None,
-            "error_location": (exc.location[:100] if exc else ""),
+            "error_location": (exc.location[: cut["error_location"]] if exc else ""),
             "ack": answer,
+            "warnings": json.dumps([w.as_dict() for w in unit.warnings]) if unit.warnings else "",
             "replay_of": unit.replay_of,
         }
 

@@ -28,7 +28,15 @@ def destination(**config: Any) -> WorklistDestination:
 
 
 def ctx(control_id: str = "MSG1") -> MessageContext:
-    return MessageContext("ris-orders", b"", None, "ORM^O01", control_id, datetime(2026, 11, 1))
+    return MessageContext(
+        channel="ris-orders",
+        raw=b"",
+        view=None,
+        message_type="ORM^O01",
+        control_id=control_id,
+        patient_id="",
+        received_at=datetime(2026, 11, 1),
+    )
 
 
 def order(oc: str, os_: str, **dataset: Any) -> dict[str, Any]:

@@ -80,7 +80,7 @@ filter:
 
 
 async def test_structure_validation_turns_problems_into_err(tmp_path: Path, stop_after) -> None:
-    app = await start(tmp_path, "name: c\nsource: {type: mllp, port: 0}\nvalidate: true\n")
+    app = await start(tmp_path, "name: c\nsource: {type: mllp, port: 0}\ninput: {type: hl7v2, validate: true}\n")
     stop_after.append(app)
     assert b"MSA|AA|V-1" in await exchange(app, oru("V-1"))
     # an OBX moved up before PV1 and the order: a segment sequence error
@@ -126,7 +126,8 @@ async def test_charset_override_wins_over_msh18(tmp_path: Path, stop_after) -> N
     stop_after.append(plain)
     refused = Message.parse(await exchange(plain, body))
     assert refused.get("MSA-1") == "AE" and refused.get("ERR-3.1") == "102"  # not valid UTF-8
-    fixed = await start(tmp_path / "fixed", "name: c\nsource: {type: mllp, port: 0}\ncharset: 8859/1\n")
+    channel = "name: c\nsource: {type: mllp, port: 0}\ninput: {type: hl7v2, charset: 8859/1}\n"
+    fixed = await start(tmp_path / "fixed", channel)
     stop_after.append(fixed)
     assert b"MSA|AA|CS-1" in await exchange(fixed, body)
     assert statuses(fixed) == {"CS-1": "processed"}

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from engine.configfile import ConfigError, substitute_env
+from engine.hl7.adapter import HL7Adapter
 from engine.runtime.config import load_config
 from engine.runtime.destinations import file as file_destination
 from engine.runtime.registry import Registry
@@ -18,6 +19,7 @@ def registry() -> Registry:
     reg = Registry()
     mllp_source.register(reg)
     file_destination.register(reg)
+    reg.add_adapter(HL7Adapter)
     return reg
 
 
@@ -71,7 +73,7 @@ destinations:
     with pytest.raises(ConfigError) as info:
         load_config(path, registry, env={})
     shown = [str(p) for p in info.value.problems]
-    assert "engine.yaml:2:3 storage.urll: unknown key (check the spelling; unknown keys are not ignored)" in shown
+    assert "engine.yaml:2:3 storage.urll: unknown key; did you mean 'url'?" in shown
     assert any(s.startswith("engine.yaml:4:3 dicom.port: environment variable NO_SUCH_VAR is not set") for s in shown)
     assert any(s.startswith("channels/orders.yaml:6:1 acept: unknown key") for s in shown)
     assert any(s.startswith("channels/orders.yaml:5:3 source.prot: unknown key") for s in shown)

@@ -34,14 +34,16 @@ class DestinationConfig(BaseModel):
 
 @dataclass
 class MessageContext:
-    """One received message as the synchronous stage sees it."""
+    """One received unit as the synchronous stage hands it to destinations."""
 
     channel: str
     raw: bytes
-    message: Any  # engine.hl7.er7.Message for HL7 channels, a dict for FHIR channels
-    message_type: str  # "ORM^O01", "ADT^A40", "DiagnosticReport" ...
+    view: object  # the adapter's parsed view (an ER7 Message for hl7v2); destinations rarely need it
+    message_type: str  # "ORM^O01", "ADT^A40", "MedicationRequest" ...
     control_id: str
+    patient_id: str
     received_at: datetime
+    content_type: str = "application/octet-stream"  # of `raw`, as the input adapter names it
     message_id: int | None = None  # set by the writer once the row exists
 
 
@@ -65,9 +67,25 @@ class DeliveryOutcome:
     error: str = ""
 
 
+# What a destination can take: the received bytes as they came (of any input kind, or of one:
+# `raw_of("hl7v2")`), or a mapping's output kind.
+RAW = "raw"
+OUTPUT_KINDS = frozenset({"dicom", "fhir", "json"})
+
+
+def raw_of(input_kind: str) -> str:
+    return f"{RAW}:{input_kind}"
+
+
 class Destination:
     kind: ClassVar[str] = "local"
     Config: ClassVar[type[DestinationConfig]] = DestinationConfig
+
+    @classmethod
+    def takes(cls, config: DestinationConfig) -> frozenset[str]:
+        """The mapping output kinds it consumes (`dicom`, `fhir`, `json`), or RAW / raw_of(kind)
+        when it needs only the received bytes; checked against the channel at load."""
+        return frozenset({RAW})
 
     def __init__(self, config: DestinationConfig, *, base_dir: Any = None) -> None:
         self.config = config

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from engine.runtime.destinations.base import (
+    OUTPUT_KINDS,
+    RAW,
     DeliveryOutcome,
     DestinationConfig,
     MessageContext,
@@ -21,7 +23,8 @@ from engine.runtime.destinations.base import (
 )
 from engine.runtime.registry import Registry
 
-HL7_TYPE = "x-application/hl7-v2+er7"
+# file name extension by content type; anything else is written as .bin
+EXTENSIONS = {"x-application/hl7-v2+er7": "hl7", "application/json": "json", "application/fhir+json": "json"}
 
 
 class FileDestinationConfig(DestinationConfig):
@@ -35,6 +38,12 @@ class FileDestination(QueuedDestination):
     Config: ClassVar[type[DestinationConfig]] = FileDestinationConfig
     config: FileDestinationConfig
 
+    @classmethod
+    def takes(cls, config: DestinationConfig) -> frozenset[str]:
+        """Raw bytes of any input, or any mapping's outputs as JSON."""
+        assert isinstance(config, FileDestinationConfig)
+        return frozenset({RAW}) if config.content == "raw" else OUTPUT_KINDS
+
     def __init__(self, config: DestinationConfig, *, base_dir: Any = None) -> None:
         super().__init__(config, base_dir=base_dir)
         folder = Path(self.config.directory)
@@ -46,7 +55,7 @@ class FileDestination(QueuedDestination):
     def payloads(self, ctx: MessageContext, outputs: list[Any]) -> list[Payload]:
         # files need no order among themselves: a key per message keeps the queue parallel
         if self.config.content == "raw":
-            return [Payload(ctx.raw, ordering_key=ctx.control_id, content_type=HL7_TYPE)]
+            return [Payload(ctx.raw, ordering_key=ctx.control_id, content_type=ctx.content_type)]
         body = json.dumps(outputs, ensure_ascii=False, indent=1).encode("utf-8")
         return [Payload(body, ordering_key=ctx.control_id, content_type="application/json")]
 
@@ -54,7 +63,7 @@ class FileDestination(QueuedDestination):
         name = self.config.filename.format(
             channel=payload.meta.get("channel", self.name),
             message_id=payload.meta.get("message_id", "x"),
-            ext="hl7" if payload.content_type == HL7_TYPE else "json",
+            ext=EXTENSIONS.get(payload.content_type, "bin"),
         )
         try:
             await asyncio.to_thread(self._write, self.folder / name, payload.body)

@@ -21,6 +21,7 @@ from engine.runtime.destinations.base import (
     MessageContext,
     Payload,
     QueuedDestination,
+    raw_of,
 )
 from engine.runtime.registry import Registry
 from engine.runtime.sources.mllp import TLSConfig
@@ -38,6 +39,11 @@ class MLLPDestinationConfig(DestinationConfig):
 class MLLPDestination(QueuedDestination):
     Config: ClassVar[type[DestinationConfig]] = MLLPDestinationConfig
     config: MLLPDestinationConfig
+
+    @classmethod
+    def takes(cls, config: DestinationConfig) -> frozenset[str]:
+        """It forwards the received ER7 as it came: only from an hl7v2 channel."""
+        return frozenset({raw_of("hl7v2")})
 
     def __init__(self, config: DestinationConfig, *, base_dir: Any = None) -> None:
         super().__init__(config, base_dir=base_dir)
@@ -58,8 +64,8 @@ class MLLPDestination(QueuedDestination):
             await self.client.close()
 
     def payloads(self, ctx: MessageContext, outputs: list[Any]) -> list[Payload]:
-        key = {"destination": "", "patient": ctx.message.get("PID-3.1"), "none": ctx.control_id}
-        return [Payload(ctx.raw, ordering_key=key[self.config.order_by], content_type="x-application/hl7-v2+er7")]
+        key = {"destination": "", "patient": ctx.patient_id, "none": ctx.control_id}
+        return [Payload(ctx.raw, ordering_key=key[self.config.order_by], content_type=ctx.content_type)]
 
     async def deliver(self, payload: Payload) -> DeliveryOutcome:
         if self.client is None:

@@ -87,6 +87,10 @@ class WorklistDestination(LocalDestination):
     Config: ClassVar[type[DestinationConfig]] = WorklistDestinationConfig
     config: WorklistDestinationConfig
 
+    @classmethod
+    def takes(cls, config: DestinationConfig) -> frozenset[str]:
+        return frozenset({"dicom"})  # worklist items from a mapping with `output: dicom`
+
     def apply(self, conn: Connection, ctx: MessageContext, outputs: list[Any]) -> None:
         for output in outputs:
             if not isinstance(output, dict):

@@ -1,14 +1,20 @@
-"""The MLLP listener source: one asyncio server per channel."""
+"""The MLLP listener source: one asyncio server per channel.
+
+It owns the reply: the adapter's answer (an ACK) for each frame, a batch of answers for a batch
+frame, or, with `commit_ack` (MLLP release 2), a single ACK/NAK byte.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
+import asyncio
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.hl7 import mllp
+from engine.inputs import Outcome
 from engine.runtime.registry import Registry
+from engine.runtime.sources.base import Endpoint, Receiver, SourceConfig
 
 
 class TLSConfig(BaseModel):
@@ -20,9 +26,7 @@ class TLSConfig(BaseModel):
     require_client_cert: bool = False
 
 
-class MLLPSourceConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class MLLPSourceConfig(SourceConfig):
     type: str = "mllp"
     host: str = "127.0.0.1"
     port: int = Field(ge=0, le=65535)
@@ -34,18 +38,40 @@ class MLLPSourceConfig(BaseModel):
     commit_ack: bool = False  # MLLP release 2: answer with a single ACK/NAK byte
     tls: TLSConfig | None = None
 
+    def endpoints(self) -> list[Endpoint]:
+        return [Endpoint("mllp", self.host, self.port)]
+
 
 class MLLPSource:
-    Config = MLLPSourceConfig
+    Config: ClassVar[type[SourceConfig]] = MLLPSourceConfig
+    default_input: ClassVar[str] = "hl7v2"
 
-    def __init__(self, config: MLLPSourceConfig, handler: Callable[[bytes, Any], Awaitable[bytes | None]]) -> None:
+    def __init__(self, config: SourceConfig, receiver: Receiver) -> None:
+        assert isinstance(config, MLLPSourceConfig)
         self.config = config
-        self.handler = handler
+        self.receiver = receiver
         self.server: Any = None
 
     @property
     def port(self) -> int:
         return int(self.server.port) if self.server is not None else self.config.port
+
+    def endpoints(self) -> list[Endpoint]:
+        return [Endpoint("mllp", self.config.host, self.port)]
+
+    async def handle_frame(self, frame: bytes, _conn: Any = None) -> bytes | None:
+        adapter = self.receiver.adapter
+        parts = adapter.split(frame)
+        if parts is None:
+            outcome = await self.receiver.receive(frame)
+            if self.config.commit_ack:
+                return mllp.COMMIT_NAK if outcome.failed else mllp.COMMIT_ACK
+            return outcome.answer_bytes() if outcome.answer else None
+        # a batch in one frame: each unit is stored and processed on its own, in order
+        outcomes: list[Outcome] = list(await asyncio.gather(*(self.receiver.receive(p) for p in parts)))
+        if self.config.commit_ack:
+            return mllp.COMMIT_NAK if any(o.failed for o in outcomes) else mllp.COMMIT_ACK
+        return adapter.combine(outcomes)
 
     async def start(self) -> None:
         cfg = self.config
@@ -53,7 +79,7 @@ class MLLPSource:
         if cfg.tls is not None:
             ssl = mllp.server_ssl_context(cfg.tls.cert, cfg.tls.key, cfg.tls.ca, cfg.tls.require_client_cert)
         self.server = await mllp.start_server(
-            self.handler,
+            self.handle_frame,
             cfg.host,
             cfg.port,
             ssl=ssl,
