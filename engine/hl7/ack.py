@@ -224,7 +224,7 @@ def build_ack_from_raw(raw: bytes, code: str, error: ProcessingError | None) -> 
     enc = DEFAULT_ENCODING
     msh2 = parts[1] if len(parts) > 1 else ""
     if len(msh2) in (4, 5) and len(set(fs + msh2)) == len(msh2) + 1 and not any(c.isalnum() for c in msh2):
-        enc = Encoding(fs, *msh2[:4], msh2[4] if len(msh2) == 5 else None)  # type: ignore[misc]
+        enc = Encoding(fs, msh2[0], msh2[1], msh2[2], msh2[3], msh2[4] if len(msh2) == 5 else None)
     elif fs != "|":
         enc = Encoding(fs)
 

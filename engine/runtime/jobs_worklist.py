@@ -7,7 +7,8 @@ from datetime import timedelta
 
 from sqlalchemy import Engine
 
-from engine.store.worklist import purge, utcnow
+from engine.store.models import utcnow
+from engine.store.worklist import purge
 
 __all__ = ["purge_worklist"]
 

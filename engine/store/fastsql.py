@@ -23,9 +23,9 @@ class RawInsert:
         self.columns = [c.name for c in table.columns if not c.primary_key]
         # scalar column defaults stand in for keys a caller leaves out
         self.defaults = {
-            c.name: c.default.arg
+            c.name: c.default.arg  # type: ignore[attr-defined]  # ScalarElementColumnDefault, checked by is_scalar
             for c in table.columns
-            if c.default is not None and c.default.is_scalar  # type: ignore[attr-defined]
+            if c.default is not None and c.default.is_scalar
         }
         mark = marker(dialect)
         names = ", ".join(self.columns)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection
 from sqlmodel import Field, SQLModel
 
 from engine.store.fastsql import RawInsert, RawSelect, cached
+from engine.store.models import utcnow
 
 __all__ = [
     "OPEN_STATUSES",
@@ -42,7 +43,6 @@ __all__ = [
     "set_status",
     "update_item",
     "update_patient",
-    "utcnow",
 ]
 
 
@@ -78,10 +78,6 @@ SPS_KEYS = frozenset(
     }
 )
 DEMOGRAPHIC_KEYS = ("PatientName", "PatientBirthDate", "PatientSex")
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def _key() -> Any:
@@ -123,8 +119,8 @@ class WorklistItem(SQLModel, table=True):
     status: str = Field(default=StepStatus.SCHEDULED.value, max_length=16)
     placer_order: str = Field(default="", sa_type=_key())
     filler_order: str = Field(default="", sa_type=_key())
-    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime)  # naive UTC
-    updated_at: datetime = Field(default_factory=utcnow, sa_type=DateTime)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
     dataset_json: str = Field(default="{}", sa_type=Text)
 
 
