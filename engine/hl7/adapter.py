@@ -95,9 +95,11 @@ class HL7Adapter:
         return answer, "latin-1"
 
     def split(self, raw: bytes) -> list[bytes] | None:
-        """An HL7 batch (FHS/BHS ... BTS/FTS) in one frame: each message on its own."""
+        """An HL7 batch (FHS/BHS ... BTS/FTS) in one frame: each message on its own; segments
+        before the first MSH become a unit of their own that is stored and refused. A batch with
+        no message at all is one unit, stored and refused as a whole."""
         if raw.lstrip()[:3] in (b"FHS", b"BHS"):
-            return split_batch_bytes(raw)
+            return split_batch_bytes(raw, orphans=True) or None
         return None
 
     def combine(self, outcomes: Sequence[Outcome]) -> bytes:

@@ -33,8 +33,11 @@ def split_batch(text: str) -> list[str]:
     return ["\r".join(m) + "\r" for m in out]
 
 
-def split_batch_bytes(data: bytes) -> list[bytes]:
-    """The same on bytes, so that each message is decoded with its own MSH-18."""
+def split_batch_bytes(data: bytes, *, orphans: bool = False) -> list[bytes]:
+    """The same on bytes, so that each message is decoded with its own MSH-18.
+
+    With `orphans`, segments before the first MSH are kept as a unit of their own (which will not
+    parse), so that a listener stores and refuses them rather than dropping them silently."""
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     out: list[list[bytes]] = []
@@ -49,4 +52,6 @@ def split_batch_bytes(data: bytes) -> list[bytes]:
             out.append([seg])
         elif out:
             out[-1].append(seg)
+        elif orphans:
+            out.append([seg])
     return [b"\r".join(m) + b"\r" for m in out]

@@ -150,8 +150,17 @@ def pn_key(name: str) -> str:
     return "=".join(groups).upper()
 
 
+# an index entry must stay well inside PostgreSQL's btree row limit (about 2,700 bytes)
+KEY_MAX = 512
+
+
 def _s(value: Any) -> str:
-    return "" if value is None else str(value).strip()
+    if value is None:
+        return ""
+    text = str(value).strip()
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    return text[:KEY_MAX]
 
 
 def columns_for(dataset: Mapping[str, Any]) -> dict[str, str]:

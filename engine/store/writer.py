@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import Connection
 
 from engine.errors import APPLICATION_INTERNAL_ERROR, ProcessingError, ProcessingWarning
@@ -38,6 +39,26 @@ _LIMITS = {
     name: MESSAGES.c[name].type.length
     for name in ("sender", "control_id", "message_type", "patient_id", "error_location")
 }
+ORDERING_KEY_LIMIT: int = DELIVERIES.c.ordering_key.type.length
+
+
+def column_text(value: str, limit: int | None = None) -> str:
+    """A sender's value as a text column can hold it: no NUL (PostgreSQL refuses it in text),
+    cut to the column's length. The raw body keeps the bytes exactly as received."""
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    return value[:limit] if limit is not None else value
+
+
+def key_text(value: str, limit: int) -> str:
+    """A value that identifies something (MSH-10, an ordering key) as a column of `limit`
+    characters: when it is longer, its start and a digest of the whole, so two long ids that share
+    a prefix stay apart and a resend still finds its original."""
+    value = column_text(value)
+    if len(value) <= limit:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"{value[: limit - 33]}~{digest}"
 
 
 @dataclass
@@ -211,16 +232,42 @@ class Writer:
             conn = self._connection()
             with conn.begin():
                 results = self._apply_batch(conn, [p.unit for p in batch])
-        except BaseException as exc:  # the commit itself failed: nobody gets an answer
-            log.exception("store commit failed for a group of %d messages", len(batch))
-            if self._conn is not None:
-                self._conn.invalidate()
-                self._conn = None
-            self._answer_all(batch, [exc] * len(batch))
+        except BaseException as exc:
+            self._drop_connection()
+            if len(batch) > 1:
+                # one unit must never take its neighbours down: each is committed on its own
+                log.warning("store commit failed for a group of %d messages (%s); committing each alone",
+                            len(batch), _kind(exc))
+                for pending in batch:
+                    self._commit([pending])
+                return
+            self._answer_all(batch, [self._store_alone(batch[0].unit, exc)])
             return
         self.batches += 1
         self.units += len(batch)
         self._answer_all(batch, list(results))
+
+    def _store_alone(self, unit: WorkUnit, failure: BaseException) -> UnitResult | BaseException:
+        """The unit failed even on its own: keep its raw bytes as an error, without its effects."""
+        log.error("store commit failed for channel %s control id %s (%s); storing it as an error",
+                  unit.channel, _control_id(unit)[:64], _kind(failure))
+        err = ProcessingError(f"the store refused this message ({_kind(failure)})", APPLICATION_INTERNAL_ERROR)
+        try:
+            conn = self._connection()
+            with conn.begin():
+                return self._store_error(conn, unit, unit.body_hash or body_hash(unit.raw), err, "")
+        except BaseException as exc:  # the database itself is gone: the sender gets no AA
+            self._drop_connection()
+            log.error("store unavailable for channel %s (%s)", unit.channel, _kind(exc))
+            return exc
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.invalidate()
+            except Exception:  # pragma: no cover - already broken
+                pass
+            self._conn = None
 
     def _apply_batch(self, conn: Connection, units: list[WorkUnit]) -> list[UnitResult]:
         """Rows that need no id before their effects are inserted together, in order."""
@@ -239,7 +286,7 @@ class Writer:
         for unit in units:
             digest = unit.body_hash or body_hash(unit.raw)
             flags = ""
-            key = (unit.channel, unit.sender, unit.control_id)
+            key = (unit.channel, _sender(unit), _control_id(unit))
             check = unit.dedupe and bool(unit.control_id) and unit.error is None
             if check:
                 prior = self._prior(key, seen, priors)
@@ -288,7 +335,7 @@ class Writer:
         oldest = None
         for u in units:
             if u.dedupe and u.control_id and u.error is None:
-                wanted.setdefault(u.channel, set()).add(u.control_id)
+                wanted.setdefault(u.channel, set()).add(_control_id(u))
                 oldest = u.received_at if oldest is None or u.received_at < oldest else oldest
         found: dict[tuple[str, str, str], _Prior] = {}
         if oldest is None:
@@ -326,7 +373,7 @@ class Writer:
                             "message_id": mid,
                             "channel": unit.channel,
                             "destination": p.destination,
-                            "ordering_key": p.ordering_key,
+                            "ordering_key": key_text(p.ordering_key, ORDERING_KEY_LIMIT),
                             "state": "pending",
                             "attempts": 0,
                             "next_attempt_at": now,
@@ -346,7 +393,9 @@ class Writer:
             savepoint.rollback()
             return self._store_error(conn, unit, digest, exc, flags)
         except Exception as exc:  # a bug or a database error in one unit: keep the message
-            log.exception("processing failed on channel %s control id %s", unit.channel, unit.control_id)
+            # the type only: a database error's text carries bound parameters (PHI)
+            log.error("processing failed on channel %s control id %s (%s)", unit.channel,
+                      _control_id(unit)[:64], _kind(exc), exc_info=not _is_database_error(exc))
             savepoint.rollback()
             err = ProcessingError(f"internal error: {type(exc).__name__}", APPLICATION_INTERNAL_ERROR)
             return self._store_error(conn, unit, digest, err, flags)
@@ -368,23 +417,41 @@ class Writer:
         cut = _LIMITS
         return {
             "channel": unit.channel,
-            "sender": unit.sender[: cut["sender"]],
-            "control_id": unit.control_id[: cut["control_id"]],
-            "message_type": unit.message_type[: cut["message_type"]],
-            "patient_id": unit.patient_id[: cut["patient_id"]],
+            "sender": _sender(unit),
+            "control_id": _control_id(unit),
+            "message_type": column_text(unit.message_type, cut["message_type"]),
+            "patient_id": column_text(unit.patient_id, cut["patient_id"]),
             "body_hash": digest,
             "raw": unit.raw,
             "received_at": unit.received_at,
             "processed_at": utcnow(),
             "status": status,
             "flags": flags,
-            "error": str(exc) if exc else "",
+            "error": column_text(str(exc)) if exc else "",
             "error_code": exc.code if exc else None,
-            "error_location": (exc.location[: cut["error_location"]] if exc else ""),
-            "ack": answer,
+            "error_location": column_text(exc.location, cut["error_location"]) if exc else "",
+            "ack": column_text(answer),
             "warnings": json.dumps([w.as_dict() for w in unit.warnings]) if unit.warnings else "",
             "replay_of": unit.replay_of,
         }
+
+
+def _control_id(unit: WorkUnit) -> str:
+    return key_text(unit.control_id, _LIMITS["control_id"])
+
+
+def _sender(unit: WorkUnit) -> str:
+    return key_text(unit.sender, _LIMITS["sender"])
+
+
+def _kind(exc: BaseException) -> str:
+    """An exception named without its text (a database error's text quotes the values)."""
+    orig = getattr(exc, "orig", None)  # SQLAlchemy wraps the driver's error
+    return f"{type(exc).__name__}/{type(orig).__name__}" if orig is not None else type(exc).__name__
+
+
+def _is_database_error(exc: BaseException) -> bool:
+    return isinstance(exc, DBAPIError)
 
 
 def _success_answer(unit: WorkUnit) -> str:
