@@ -23,8 +23,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, insert
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from engine.errors import APPLICATION_INTERNAL_ERROR, ProcessingError, ProcessingWarning
 from engine.store.fastsql import RawInsert, Savepoint, marker, raw_select
