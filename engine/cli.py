@@ -16,6 +16,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -100,7 +101,7 @@ def _db(config: Path) -> tuple[Any, Any]:
 
 def _fail(text: str) -> NoReturn:
     """One line on stderr and exit 1: what a new user reads instead of a traceback."""
-    err.print(f"[red]error[/red] {text}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error[/red] {escape(text)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -519,7 +520,7 @@ def messages_show(ctx: typer.Context, message_id: MessageIdArg, config: ConfigOp
     )
     if row["error"]:
         console.print(
-            f"[red]error[/red] {row['error']} (code {row['error_code']}, {row['error_location'] or '-'})",
+            f"[red]error[/red] {escape(row['error'])} (code {row['error_code']}, {row['error_location'] or '-'})",
             highlight=False,
         )
     if row["flags"]:
@@ -528,14 +529,14 @@ def messages_show(ctx: typer.Context, message_id: MessageIdArg, config: ConfigOp
     if warnings:
         console.print(f"warnings: {len(warnings)}", highlight=False)
         for w in warnings:
-            console.print(f"  [yellow]warning[/yellow] {_warning_line(w)}", highlight=False)
+            console.print(f"  [yellow]warning[/yellow] {escape(_warning_line(w))}", highlight=False)
     raw = row["raw"]
     console.rule("raw")
     console.print(raw.decode("utf-8", errors="replace").replace("\r", "\n"), highlight=False, markup=False)
     try:
         msg = Message.parse(raw)
     except Exception as exc:
-        console.print(f"(not parseable: {exc})")
+        console.print(f"(not parseable: {exc})", highlight=False, markup=False)
     else:
         console.rule("segments")
         for seg in msg.segments():
