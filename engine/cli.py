@@ -33,7 +33,7 @@ err = Console(stderr=True)
 # the one nearest the command wins, then $ENGINE_CONFIG, then ./engine.yaml
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="engine.yaml to use [default: $ENGINE_CONFIG, else ./engine.yaml]",
+    typer.Option("--config", "-c", help="engine.yaml to use (default: $ENGINE_CONFIG, else ./engine.yaml)",
                  show_default=False),
 ]
 DEFAULT_CONFIG = Path("engine.yaml")
@@ -287,7 +287,7 @@ def _message_type(msg: Any) -> str:
 def map_cmd(
     ctx: typer.Context,
     mapping: Annotated[
-        Path | None, typer.Argument(help="mapping YAML file [default: every mapping in mappings/]", show_default=False)
+        Path | None, typer.Argument(help="mapping YAML file (default: every mapping in mappings/)", show_default=False)
     ] = None,
     sample: Annotated[
         Path | None, typer.Argument(help="sample HL7 message file; without it the examples are run")
