@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import re
 import signal
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -26,8 +29,51 @@ app.add_typer(messages_app, name="messages")
 console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="engine.yaml to use", envvar="ENGINE_CONFIG")]
+# -c may come before the subcommand (`engine -c x.yaml check`) or after it (`engine check -c x.yaml`);
+# the one nearest the command wins, then $ENGINE_CONFIG, then ./engine.yaml
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="engine.yaml to use (default: $ENGINE_CONFIG, else ./engine.yaml)",
+                 show_default=False),
+]
 DEFAULT_CONFIG = Path("engine.yaml")
+
+
+def _config_path(ctx: typer.Context, config: Path | None) -> Path:
+    """The config this command reads: its own -c, else the nearest one given before it."""
+    if config is not None:
+        return config
+    obj = ctx.find_object(dict)
+    if obj and obj.get("config") is not None:
+        return Path(obj["config"])
+    env = os.environ.get("ENGINE_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG
+
+
+def _remember_config(ctx: typer.Context, config: Path | None) -> None:
+    obj = ctx.ensure_object(dict)
+    if config is not None:
+        obj["config"] = config
+
+
+def _version(value: bool) -> None:
+    if value:
+        from engine import __version__
+
+        console.print(f"engine {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def engine_main(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    version: Annotated[
+        bool, typer.Option("--version", help="print the engine version and exit", callback=_version, is_eager=True)
+    ] = False,
+) -> None:
+    """Imaging integration engine (HL7, FHIR, DICOM)."""
+    _remember_config(ctx, config)
 
 
 def _load(config: Path, *, load_mappings: bool = True) -> Any:
@@ -43,19 +89,32 @@ def _load(config: Path, *, load_mappings: bool = True) -> Any:
         raise typer.Exit(1) from None
 
 
-def _db(config: Path) -> Any:
+def _db(config: Path) -> tuple[Any, Any]:
+    """(database engine, loaded configuration) for the read-only commands."""
     from engine.store.db import init_db, make_engine
 
     loaded = _load(config, load_mappings=False)
     db = make_engine(loaded.storage_url)
     init_db(db)
-    return db
+    return db, loaded
+
+
+def _fail(text: str) -> NoReturn:
+    """One line on stderr and exit 1: what a new user reads instead of a traceback."""
+    err.print(f"[red]error[/red] {escape(text)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _one_of(option: str, value: str | None, known: list[str]) -> str | None:
+    if value is None or value in known:
+        return value
+    raise typer.BadParameter(f"{value!r} is not one of: {', '.join(known)}", param_hint=option)
 
 
 @app.command()
-def check(config: ConfigOpt = DEFAULT_CONFIG) -> None:
+def check(ctx: typer.Context, config: ConfigOpt = None) -> None:
     """Validate engine.yaml, every channel and every mapping; report every problem."""
-    loaded = _load(config)
+    loaded = _load(_config_path(ctx, config))
     from engine.mapping import check_examples
 
     failures = 0
@@ -74,9 +133,9 @@ def check(config: ConfigOpt = DEFAULT_CONFIG) -> None:
 
 
 @app.command()
-def run(config: ConfigOpt = DEFAULT_CONFIG) -> None:
+def run(ctx: typer.Context, config: ConfigOpt = None) -> None:
     """Start every enabled channel, the DICOM worklist SCP and the scheduled jobs."""
-    loaded = _load(config)
+    loaded = _load(_config_path(ctx, config))
     logging.basicConfig(level=loaded.engine.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("pynetdicom", "apscheduler"):  # pynetdicom logs identifiers (PHI) at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -109,16 +168,35 @@ def _parse_target(to: str) -> tuple[str, int]:
 def send(
     files: Annotated[list[Path], typer.Argument(help="HL7 files (a file may hold a batch)", exists=True)],
     to: Annotated[str, typer.Option("--to", help="HOST:PORT of the MLLP listener")] = "localhost:2575",
-    connections: Annotated[int, typer.Option("--connections", "-n", min=1)] = 1,
+    connections: Annotated[
+        int, typer.Option("--connections", "-n", min=1, help="MLLP connections sending in parallel")
+    ] = 1,
     timeout: Annotated[float, typer.Option(help="seconds to wait for each ACK")] = 30.0,
+    today: Annotated[
+        bool,
+        typer.Option(
+            "--today",
+            help="move each order's scheduled start (ORC-7.4, TQ1-7, OBR-27.4, OBR-36) to today, keeping the "
+            "time of day; for test messages with fixed dates. The files are not changed.",
+        ),
+    ] = False,
 ) -> None:
     """Send HL7 messages over MLLP and print the ACKs (a summary for many)."""
     from engine.hl7.batch import split_batch_bytes
     from engine.hl7.mllp import MLLPClient, MLLPError
+    from engine.hl7.reschedule import move_scheduled_dates
 
     messages: list[bytes] = []
     for file in files:
-        messages += split_batch_bytes(file.read_bytes())
+        found = split_batch_bytes(file.read_bytes())
+        if not found:
+            _fail(f"no HL7 message found in {file} (a message starts with an MSH segment); nothing was sent")
+        messages += found
+    if today:
+        moved = [move_scheduled_dates(m, date.today()) for m in messages]
+        messages = [body for body, _ in moved]
+        err.print(f"scheduled start moved to today in {sum(1 for _, n in moved if n)} of {len(moved)} message(s)",
+                  highlight=False)
     host, port = _parse_target(to)
     counts = {"sent": 0, "AA": 0, "AE": 0, "AR": 0, "CA": 0, "CE": 0, "CR": 0, "other": 0, "failed": 0}
     single = len(messages) == 1
@@ -178,19 +256,60 @@ def _msa1(reply: bytes) -> str:
     return "other"
 
 
+def _channel_types(config: Path, mapping_file: Path) -> tuple[list[str], list[str]]:
+    """(message types, channel names) the configured channels hand to this mapping file; empty if unknown."""
+    if not config.exists():
+        return [], []
+    from engine.runtime.app import default_registry
+    from engine.runtime.config import load_config
+
+    try:
+        loaded = load_config(config, default_registry(), load_mappings=False)
+    except Exception:  # `engine check` reports a broken config; map still maps
+        return [], []
+    mappings_dir = loaded.base_dir / loaded.engine.mappings_dir
+    target = mapping_file.resolve()
+    types: list[str] = []
+    channels: list[str] = []
+    for spec in loaded.channels:
+        for message_type, file in spec.config.mappings.items():
+            if (mappings_dir / file).resolve() == target:
+                types.append(message_type)
+                if spec.config.name not in channels:
+                    channels.append(spec.config.name)
+    return types, channels
+
+
+def _message_type(msg: Any) -> str:
+    return "^".join(p for p in (msg.get("MSH-9.1"), msg.get("MSH-9.2")) if p)
+
+
 @app.command("map")
 def map_cmd(
-    mapping: Annotated[Path | None, typer.Argument(help="mapping YAML file")] = None,
-    sample: Annotated[Path | None, typer.Argument(help="sample HL7 message file")] = None,
+    ctx: typer.Context,
+    mapping: Annotated[
+        Path | None, typer.Argument(help="mapping YAML file (default: every mapping in mappings/)", show_default=False)
+    ] = None,
+    sample: Annotated[
+        Path | None, typer.Argument(help="sample HL7 message file; without it the examples are run")
+    ] = None,
     check_: Annotated[bool, typer.Option("--check", help="run the examples of the mapping(s)")] = False,
-    config: ConfigOpt = DEFAULT_CONFIG,
+    charset: Annotated[
+        str | None,
+        typer.Option("--charset", help="decode the sample with this charset (e.g. latin-1) instead of its MSH-18"),
+    ] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Print what a mapping makes of a sample message, or check the mappings' examples."""
-    from engine.hl7.er7 import Message
-    from engine.mapping import MappingConfigError, check_examples, load_mapping, render
+    from engine.mapping import MappingConfigError, check_examples, load_mapping
 
+    config = _config_path(ctx, config)
     base = config.resolve().parent if config.exists() else Path.cwd()
     files = [mapping] if mapping else sorted((base / "mappings").glob("*.yaml"))
+    if mapping is not None and not mapping.is_file():
+        _fail(f"mapping file {mapping} does not exist")
+    if sample is not None and not sample.is_file():
+        _fail(f"sample file {sample} does not exist")
     failures = 0
     for file in files:
         try:
@@ -199,6 +318,8 @@ def map_cmd(
             for p in exc.problems:
                 err.print(f"[red]error[/red] {p.file}:{p.line}:{p.column} {p.key}: {p.message}", highlight=False)
             raise typer.Exit(1) from None
+        except Exception as exc:
+            _fail(f"{file}: cannot load the mapping: {exc}")
         if check_ or sample is None:
             problems = check_examples(m)
             for failure in problems:
@@ -206,59 +327,167 @@ def map_cmd(
             failures += len(problems)
             console.print(f"{file}: {'OK' if not problems else f'{len(problems)} failure(s)'}", highlight=False)
             continue
-        msg = Message.parse(sample.read_bytes())
-        try:
-            outputs = m.run(msg)
-        except Exception as exc:
-            err.print(f"[red]mapping error[/red] {exc}", highlight=False)
-            raise typer.Exit(1) from None
-        console.print(render(outputs, m.output), highlight=False, markup=False)
+        _map_sample(m, file, sample, charset, config)
     if failures:
         raise typer.Exit(1)
 
 
+def _map_sample(m: Any, file: Path, sample: Path, charset: str | None, config: Path) -> None:
+    """Map every message of the sample file; any failure is one line on stderr and exit 1."""
+    from engine.hl7.batch import split_batch_bytes
+    from engine.hl7.er7 import Message
+    from engine.mapping import render
+
+    try:
+        bodies = split_batch_bytes(sample.read_bytes())
+    except OSError as exc:
+        _fail(f"cannot read {sample}: {exc.strerror}")
+    if not bodies:
+        _fail(f"no HL7 message found in {sample} (a message starts with an MSH segment)")
+    types, channels = _channel_types(config, file)
+    for n, body in enumerate(bodies, start=1):
+        where = f"{sample}" + (f" message {n}" if len(bodies) > 1 else "")
+        try:
+            msg = Message.parse(body, charset=charset)
+            message_type = _message_type(msg)
+            if types and "*" not in types and message_type not in types:
+                err.print(
+                    f"[yellow]warning[/yellow] {where} is {message_type or 'of no type (MSH-9 empty)'}; "
+                    f"{file.name} takes {', '.join(types)} (channel {', '.join(channels)})",
+                    highlight=False, soft_wrap=True,
+                )
+            outputs = m.run(msg)
+            text = render(outputs, m.output)
+        except Exception as exc:
+            hint = ""
+            if "not valid" in str(exc) and charset is None:
+                hint = "; if the sender uses another charset without MSH-18, try --charset latin-1"
+            _fail(f"{where}: {exc}{hint}")
+        console.print(text, highlight=False, markup=False)
+
+
 # -- messages -----------------------------------------------------------------------------------
-def _when(text: str | None) -> datetime | None:
+_HL7_TIME = re.compile(r"^(\d{4})(\d{2})(\d{2})(?:(\d{2})(\d{2})?(\d{2})?)?$")
+
+
+def _when(text: str | None, option: str) -> datetime | None:
+    """An ISO (2026-11-25, 2026-11-25T10:00) or HL7 (20261125, 202611251000) date/time, UTC if no zone."""
     if not text:
         return None
+    m = _HL7_TIME.match(text)
     try:
-        when = datetime.fromisoformat(text)
+        if m:
+            y, mo, d, hh, mi, ss = (int(g) if g else 0 for g in m.groups())
+            when = datetime(y, mo, d, hh, mi, ss)
+        else:
+            when = datetime.fromisoformat(text)
     except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a date (use 2026-11-25 or 2026-11-25T10:00)") from None
+        raise typer.BadParameter(
+            f"{text!r} is not a date (use 2026-11-25, 2026-11-25T10:00, 20261125 or 202611251000)",
+            param_hint=option,
+        ) from None
     return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _day(text: str | None, option: str) -> str | None:
+    """A day as DICOM/HL7 store it (YYYYMMDD), from 2026-11-25 or 20261125."""
+    if not text:
+        return None
+    for fmt in ("%Y%m%d", "%Y-%m-%d"):
+        try:
+            return datetime.strptime(text, fmt).strftime("%Y%m%d")
+        except ValueError:
+            continue
+    raise typer.BadParameter(f"{text!r} is not a date (use 2026-11-25 or 20261125)", param_hint=option)
+
+
+def _warnings(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stored ProcessingWarning dicts of a message ([] when none or unreadable)."""
+    raw = row.get("warnings") or ""
+    if not raw:
+        return []
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return [{"text": "(warnings column is not JSON)", "code": None, "location": "", "source": "", "target": ""}]
+    return value if isinstance(value, list) else [value]
+
+
+def _warning_line(w: dict[str, Any]) -> str:
+    where = f" at {w['location']}" if w.get("location") else ""
+    target = f" -> {w['target']}" if w.get("target") else ""
+    src = f" ({w['source']})" if w.get("source") else ""
+    code = f" [code {w['code']}]" if w.get("code") is not None else ""
+    return f"{w.get('text', '')}{where}{target}{src}{code}"
+
+
+def _check_channel(db: Any, loaded: Any, channel: str | None) -> None:
+    """A channel filter must name a configured channel (or one that still has stored messages)."""
+    if channel is None:
+        return
+    known = [spec.config.name for spec in loaded.channels]
+    if channel in known:
+        return
+    from sqlalchemy import select
+
+    from engine.store.messages import MESSAGES
+
+    with db.connect() as conn:
+        stored = conn.execute(select(MESSAGES.c.id).where(MESSAGES.c.channel == channel).limit(1)).first()
+    if stored is None:
+        raise typer.BadParameter(f"no channel {channel!r}; configured: {', '.join(known) or '(none)'}",
+                                 param_hint="--channel")
 
 
 @messages_app.callback(invoke_without_command=True)
 def messages_list(
     ctx: typer.Context,
-    channel: Annotated[str | None, typer.Option("--channel")] = None,
-    status: Annotated[str | None, typer.Option("--status", help="processed, filtered, error, duplicate")] = None,
-    message_type: Annotated[str | None, typer.Option("--type", help="e.g. ORM^O01")] = None,
-    control_id: Annotated[str | None, typer.Option("--control-id")] = None,
-    patient_id: Annotated[str | None, typer.Option("--patient")] = None,
-    since: Annotated[str | None, typer.Option("--since", help="received at or after (ISO date/time, UTC)")] = None,
-    until: Annotated[str | None, typer.Option("--until", help="received before (ISO date/time, UTC)")] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1)] = 50,
+    channel: Annotated[str | None, typer.Option("--channel", help="channel name, e.g. ris-orders")] = None,
+    status: Annotated[
+        str | None, typer.Option("--status", help="processed, filtered, error or duplicate")
+    ] = None,
+    message_type: Annotated[str | None, typer.Option("--type", help="MSH-9 message type, e.g. ORM^O01")] = None,
+    control_id: Annotated[str | None, typer.Option("--control-id", help="MSH-10 message control id")] = None,
+    patient_id: Annotated[str | None, typer.Option("--patient", help="patient id (PID-3.1)")] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="received at or after (2026-11-25[T10:00] or 20261125[1000]; UTC)")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option("--until", help="received before (2026-11-25[T10:00] or 20261125[1000]; UTC)")
+    ] = None,
+    with_warnings: Annotated[
+        bool, typer.Option("--warnings", help="only messages that kept warnings (optional values dropped or cut)")
+    ] = False,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="at most this many messages")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
-    config: ConfigOpt = DEFAULT_CONFIG,
+    config: ConfigOpt = None,
 ) -> None:
     """List received messages, newest first."""
+    _remember_config(ctx, config)
     if ctx.invoked_subcommand is not None:
-        ctx.obj = config
         return
     from engine.store.messages import MessageFilter, list_messages
+    from engine.store.models import MessageStatus
 
+    status = _one_of("--status", status, [s.value for s in MessageStatus])
+    window = (_when(since, "--since"), _when(until, "--until"))
+    db, loaded = _db(_config_path(ctx, None))
+    _check_channel(db, loaded, channel)
     rows = list_messages(
-        _db(config),
-        MessageFilter(channel, status, message_type, control_id, patient_id, _when(since), _when(until), limit),
+        db,
+        MessageFilter(channel=channel, status=status, message_type=message_type, control_id=control_id,
+                      patient_id=patient_id, since=window[0], until=window[1], limit=limit,
+                      with_warnings=with_warnings),
     )
     if as_json:
         for row in rows:
             row["received_at"] = row["received_at"].isoformat()
+            row["warnings"] = _warnings(row)
             sys.stdout.write(json.dumps(row) + "\n")
         return
-    table = Table("id", "received (UTC)", "channel", "type", "control id", "status", "error")
+    table = Table("id", "received (UTC)", "channel", "type", "control id", "status", "warnings", "error")
     for r in rows:
+        count = len(_warnings(r))
         table.add_row(
             str(r["id"]),
             r["received_at"].strftime("%Y-%m-%d %H:%M:%S"),
@@ -266,41 +495,49 @@ def messages_list(
             r["message_type"],
             r["control_id"],
             r["status"],
+            str(count) if count else "",
             (r["error"] or "")[:60],
         )
     console.print(table)
 
 
+MessageIdArg = Annotated[int, typer.Argument(help="message id (the first column of `engine messages`)")]
+
+
 @messages_app.command("show")
-def messages_show(ctx: typer.Context, message_id: int) -> None:
-    """Print one message: raw text, segments, the ACK sent and each delivery's state."""
+def messages_show(ctx: typer.Context, message_id: MessageIdArg, config: ConfigOpt = None) -> None:
+    """Print one message: raw text, segments, the ACK sent, its warnings and each delivery's state."""
     from engine.hl7.er7 import Message
     from engine.store.messages import get_message
     from engine.store.queue import deliveries_for
 
-    db = _db(ctx.obj or DEFAULT_CONFIG)
+    db, _ = _db(_config_path(ctx, config))
     row = get_message(db, message_id)
     if row is None:
-        err.print(f"no message {message_id}")
-        raise typer.Exit(1)
+        _fail(f"no message {message_id}")
     console.print(
         f"[bold]message {row['id']}[/bold] channel={row['channel']} type={row['message_type']} "
         f"control_id={row['control_id']} status={row['status']} received={row['received_at']}"
     )
     if row["error"]:
         console.print(
-            f"[red]error[/red] {row['error']} (code {row['error_code']}, {row['error_location'] or '-'})",
+            f"[red]error[/red] {escape(row['error'])} (code {row['error_code']}, {row['error_location'] or '-'})",
             highlight=False,
         )
     if row["flags"]:
         console.print(f"flags: {row['flags']}")
+    warnings = _warnings(row)
+    if warnings:
+        console.print(f"warnings: {len(warnings)}", highlight=False)
+        for w in warnings:
+            console.print(f"  [yellow]warning[/yellow] {escape(_warning_line(w))}", highlight=False)
     raw = row["raw"]
     console.rule("raw")
     console.print(raw.decode("utf-8", errors="replace").replace("\r", "\n"), highlight=False, markup=False)
     try:
         msg = Message.parse(raw)
     except Exception as exc:
-        console.print(f"(not parseable: {exc})")
+        console.print(f"(not parseable: {exc})", highlight=False, markup=False)
     else:
         console.rule("segments")
         for seg in msg.segments():
@@ -327,29 +564,63 @@ def messages_show(ctx: typer.Context, message_id: int) -> None:
 @messages_app.command("replay")
 def messages_replay(
     ctx: typer.Context,
-    message_ids: list[int],
-    reprocess: Annotated[bool, typer.Option(help="run the message through its channel again as a new message")] = False,
+    message_ids: Annotated[list[int], typer.Argument(help="message ids (the first column of `engine messages`)")],
+    reprocess: Annotated[
+        bool,
+        typer.Option(help="run the message through its channel again, stored as a new message "
+                          "(default: only queue its dead deliveries again)"),
+    ] = False,
+    config: ConfigOpt = None,
 ) -> None:
-    """Revive a message's dead deliveries, or send it through its channel again."""
-    from engine.runtime.replay import replay
+    """Queue a message's dead deliveries again (the running engine sends them), or --reprocess it."""
+    from engine.store.messages import get_message
+    from engine.store.queue import revive
 
-    loaded = _load(ctx.obj or DEFAULT_CONFIG)
-    for line in asyncio.run(replay(loaded, message_ids, reprocess=reprocess)):
-        console.print(line, highlight=False)
+    path = _config_path(ctx, config)
+    db, _ = _db(path)
+    missing = [mid for mid in message_ids if get_message(db, mid) is None]
+    for mid in missing:
+        err.print(f"[red]error[/red] no message {mid}", highlight=False)
+    present = [mid for mid in message_ids if mid not in missing]
+    if reprocess and present:
+        from engine.runtime.replay import replay
+
+        db.dispose()
+        for line in asyncio.run(replay(_load(path), present, reprocess=True)):
+            console.print(line, highlight=False)
+    elif present:
+        for mid in present:
+            n = revive(db, mid)  # one UPDATE: only dead deliveries change, nothing is reprocessed
+            if n:
+                console.print(f"{mid}: {n} dead deliver{'y' if n == 1 else 'ies'} queued again", highlight=False)
+            else:
+                console.print(f"{mid}: no dead deliveries; nothing changed (--reprocess runs it through its "
+                              "channel again)", highlight=False)
+    if missing:
+        raise typer.Exit(1)
 
 
 @app.command()
 def worklist(
-    date: Annotated[str | None, typer.Option("--date", help="SPS start date, YYYYMMDD")] = None,
-    modality: Annotated[str | None, typer.Option("--modality")] = None,
+    ctx: typer.Context,
+    date_: Annotated[
+        str | None, typer.Option("--date", help="Scheduled Procedure Step Start Date: 2026-11-25 or 20261125")
+    ] = None,
+    modality: Annotated[str | None, typer.Option("--modality", help="Modality, e.g. CT, MR, CR, US")] = None,
     station: Annotated[str | None, typer.Option("--station", help="Scheduled Station AE Title")] = None,
-    accession: Annotated[str | None, typer.Option("--accession")] = None,
-    status: Annotated[str | None, typer.Option("--status", help="SCHEDULED, IN PROGRESS, CANCELLED, ...")] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1)] = 50,
+    accession: Annotated[str | None, typer.Option("--accession", help="Accession Number")] = None,
+    status: Annotated[
+        str | None, typer.Option("--status", help="SCHEDULED, IN PROGRESS, CANCELLED, DISCONTINUED or COMPLETED")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="at most this many items")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
-    config: ConfigOpt = DEFAULT_CONFIG,
+    config: ConfigOpt = None,
 ) -> None:
     """List worklist items (what modalities see), soonest first."""
+    from engine.store.worklist import StepStatus
+
+    day = _day(date_, "--date")
+    status = _one_of("--status", status.upper() if status else None, [s.value for s in StepStatus])
     from sqlalchemy import select
 
     from engine.store.worklist import WorklistItem
@@ -358,11 +629,12 @@ def worklist(
     cols = [t.c.id, t.c.accession_number, t.c.patient_id, t.c.sps_start_date, t.c.sps_start_time, t.c.modality,
             t.c.station_aet, t.c.status, t.c.filler_order, t.c.placer_order]
     stmt = select(*cols).order_by(t.c.sps_start, t.c.id).limit(limit)
-    for column, value in ((t.c.sps_start_date, date), (t.c.modality, modality), (t.c.station_aet, station),
+    for column, value in ((t.c.sps_start_date, day), (t.c.modality, modality), (t.c.station_aet, station),
                           (t.c.accession_number, accession), (t.c.status, status)):
         if value:
             stmt = stmt.where(column == value)
-    with _db(config).connect() as conn:
+    db, _ = _db(_config_path(ctx, config))
+    with db.connect() as conn:
         rows = [dict(r) for r in conn.execute(stmt).mappings()]
     if as_json:
         for row in rows:

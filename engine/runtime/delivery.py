@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from datetime import timedelta
 
 from sqlalchemy import Engine
@@ -17,6 +18,45 @@ from engine.runtime.destinations.base import DeliveryOutcome, Payload, QueuedDes
 from engine.store import queue
 
 log = logging.getLogger(__name__)
+
+_NEGATIVE_ACK = re.compile(r"^(AE|AR|CE|CR)\b")
+_HTTP_STATUS = re.compile(r"\bHTTP (\d{3})\b")
+_EXCEPTION = re.compile(r"\b([A-Z][A-Za-z]*(?:Error|Exception|Timeout|Refused))\b")
+
+
+def failure_kind(error: str) -> str:
+    """What kind of failure a delivery error is, in words that never carry message content.
+
+    The destination's text may quote the receiver (ERR-8, an HTTP body: PHI); the log gets one of a
+    fixed set of kinds, an ACK code, an HTTP status or an exception class name. `engine messages
+    show` has the whole text.
+    """
+    lowered = error.lower()
+    if m := _NEGATIVE_ACK.match(error):
+        return f"negative-ack-{m.group(1)}"
+    if m := _HTTP_STATUS.search(error):
+        return f"http-{m.group(1)}"
+    if "connectionrefused" in lowered or "connection refused" in lowered:
+        return "connection-refused"
+    if "no ack within" in lowered:
+        return "ack-timeout"
+    if "connect" in lowered and "timed out" in lowered:
+        return "connect-timeout"
+    if "timed out" in lowered or "timeout" in lowered:
+        return "timeout"
+    if "ssl" in lowered or "certificate" in lowered:
+        return "tls-failure"
+    if "reply is not an hl7 ack" in lowered:
+        return "reply-not-an-ack"
+    if "ack answers control id" in lowered:
+        return "ack-for-another-message"
+    if "is not configured" in lowered:
+        return "destination-not-configured"
+    if lowered.startswith("cannot write"):
+        return "file-not-written"
+    if m := _EXCEPTION.search(error):
+        return m.group(1)
+    return "other"
 
 
 class DeliveryWorker:
@@ -79,8 +119,6 @@ class DeliveryWorker:
         states = await asyncio.to_thread(queue.record, self.db, attempts, self.policy)
         for d, o in zip(claimed, outcomes, strict=True):
             if not o.ok:
-                # the receiver's text may quote the message (PHI): the log names its kind only;
-                # `engine messages show` has the whole text
                 log.warning(
                     "channel=%s delivery=%s destination=%s message=%s state=%s error=%s",
                     self.channel,
@@ -88,7 +126,7 @@ class DeliveryWorker:
                     d.destination,
                     d.message_id,
                     states[d.id],
-                    o.error.split(":", 1)[0][:40],
+                    failure_kind(o.error),
                 )
         return len(claimed)
 

@@ -21,6 +21,7 @@ LIST_COLUMNS = (
     "patient_id",
     "error",
     "flags",
+    "warnings",
     "replay_of",
 )
 
@@ -35,6 +36,7 @@ class MessageFilter:
     since: datetime | None = None
     until: datetime | None = None
     limit: int = 50
+    with_warnings: bool = False  # only messages that kept a ProcessingWarning
 
 
 def list_messages(engine: Engine, f: MessageFilter) -> list[dict[str, Any]]:
@@ -50,6 +52,8 @@ def list_messages(engine: Engine, f: MessageFilter) -> list[dict[str, Any]]:
     for name, value in conditions.items():
         if value:
             stmt = stmt.where(MESSAGES.c[name] == value)
+    if f.with_warnings:
+        stmt = stmt.where(MESSAGES.c.warnings != "")
     if f.since:
         stmt = stmt.where(MESSAGES.c.received_at >= f.since)
     if f.until:

@@ -63,13 +63,16 @@ destinations:
             pass
         finally:
             await refused.close()
-        for _ in range(100):
-            if received:
+        # the receiver has the message before the worker records the delivery: wait for the record
+        states: list[str] = []
+        for _ in range(200):
+            with app.db.connect() as conn:
+                states = list(conn.execute(select(DELIVERIES.c.state)).scalars())
+            if states == ["done"]:
                 break
             await asyncio.sleep(0.05)
+        assert states == ["done"]
         assert received == ["ORU0001"]
-        with app.db.connect() as conn:
-            assert conn.execute(select(DELIVERIES.c.state)).scalars().all() == ["done"]
     finally:
         await app.stop()
         await downstream.close()
