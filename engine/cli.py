@@ -586,7 +586,7 @@ def messages_replay(
         from engine.runtime.replay import replay
 
         db.dispose()
-        for line in asyncio.run(replay(_load(path), present, reprocess=True)):
+        for line in asyncio.run(replay(_load(path), present)):
             console.print(line, highlight=False)
     elif present:
         for mid in present:

@@ -1,7 +1,7 @@
-"""Operator replay: revive dead deliveries, or run a stored message through its channel again.
+"""Operator reprocessing: run stored messages through their channel again.
 
-Reprocessing stores a new message row (`replay_of` names the original) and applies its effects
-anew; reviving only puts the dead deliveries back in the queue for the running engine to drain.
+Each is stored as a new message row (`replay_of` names the original) and its effects are applied
+anew. (Reviving dead deliveries needs no channel: `engine.store.queue.revive`.)
 """
 
 from __future__ import annotations
@@ -12,14 +12,12 @@ from datetime import timedelta
 from engine.runtime.app import default_registry
 from engine.runtime.config import LoadedConfig
 from engine.runtime.pipeline import Pipeline
-from engine.store import queue
 from engine.store.db import init_db, make_engine
 from engine.store.messages import get_message
-from engine.store.models import DeliveryState
 from engine.store.writer import Writer
 
 
-async def replay(loaded: LoadedConfig, message_ids: list[int], *, reprocess: bool = False) -> list[str]:
+async def replay(loaded: LoadedConfig, message_ids: list[int]) -> list[str]:
     db = make_engine(loaded.storage_url)
     await asyncio.to_thread(init_db, db)
     registry = default_registry()
@@ -33,11 +31,6 @@ async def replay(loaded: LoadedConfig, message_ids: list[int], *, reprocess: boo
             row = get_message(db, mid)
             if row is None:
                 lines.append(f"{mid}: no such message")
-                continue
-            dead = [d for d in queue.deliveries_for(db, mid) if d["state"] == DeliveryState.DEAD]
-            if dead and not reprocess:
-                n = queue.revive(db, mid)
-                lines.append(f"{mid}: {n} dead deliver{'y' if n == 1 else 'ies'} queued again")
                 continue
             spec = specs.get(row["channel"])
             if spec is None:
