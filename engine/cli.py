@@ -113,11 +113,16 @@ def _one_of(option: str, value: str | None, known: list[str]) -> str | None:
 
 @app.command()
 def check(ctx: typer.Context, config: ConfigOpt = None) -> None:
-    """Validate engine.yaml, every channel and every mapping; report every problem."""
-    loaded = _load(_config_path(ctx, config))
+    """Validate engine.yaml, every channel and every mapping (with its examples); report every
+    problem of every stage in one run, sorted by file and line."""
+    from engine.configfile import Problem
     from engine.mapping import check_examples
+    from engine.runtime.app import default_registry
+    from engine.runtime.config import load_config
 
-    failures = 0
+    problems: list[Problem] = []
+    loaded = load_config(_config_path(ctx, config), default_registry(), problems_out=problems)
+    lines = [(p.file, p.line, p.column, str(p)) for p in problems]
     checked: set[int] = set()
     for spec in loaded.channels:
         for mapping in spec.mappings.values():
@@ -125,11 +130,20 @@ def check(ctx: typer.Context, config: ConfigOpt = None) -> None:
                 continue
             checked.add(id(mapping))
             for failure in check_examples(mapping):
-                err.print(f"[red]example failed[/red] {failure}", highlight=False)
-                failures += 1
-    if failures:
+                lines.append((*_place(failure), failure))
+    for *_, text in sorted(lines):
+        err.print(f"[red]error[/red] {text}", highlight=False, soft_wrap=True)
+    if lines:
+        err.print(f"{len(lines)} problem(s) found.")
         raise typer.Exit(1)
     console.print(f"OK: {len(loaded.channels)} channel(s), storage {loaded.storage_url.split('://')[0]}")
+
+
+def _place(text: str) -> tuple[str, int, int]:
+    """(file, line, column) at the start of a `file:line[:col] ...` problem, for sorting."""
+    parts = text.split(":", 3)
+    nums = [int(p) if p.isdigit() else 0 for p in parts[1:3]] + [0, 0]
+    return parts[0], nums[0], nums[1]
 
 
 @app.command()

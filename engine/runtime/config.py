@@ -134,10 +134,16 @@ def _rel(path: Path, base: Path) -> str:
 
 
 def load_config(
-    path: Path, registry: Registry, *, env: Mapping[str, str] | None = None, load_mappings: bool = True
+    path: Path,
+    registry: Registry,
+    *,
+    env: Mapping[str, str] | None = None,
+    load_mappings: bool = True,
+    problems_out: list[Problem] | None = None,
 ) -> LoadedConfig:
     """Every stage is checked even when an earlier one has problems: all of them are reported in
-    one run, sorted by file and line."""
+    one run, sorted by file and line. With `problems_out`, they are added there instead of raised
+    and what did load is returned (`engine check` then runs the mappings' examples too)."""
     path = path.resolve()
     base = path.parent
     problems: list[Problem] = []
@@ -180,8 +186,11 @@ def load_config(
                         problems.append(chdoc.problem(("source", "port"), f"port {ep.port} is also used by {user}"))
                     listening[(ep.host, ep.port)] = f"channel {spec.config.name}"
             channels.append(spec)
-    if problems:
-        raise ConfigError(sorted(problems, key=lambda p: (p.file, p.line, p.column)))
+    problems.sort(key=lambda p: (p.file, p.line, p.column))
+    if problems_out is not None:
+        problems_out.extend(problems)
+    elif problems:
+        raise ConfigError(problems)
     return LoadedConfig(path=path, base_dir=base, engine=engine_cfg, channels=channels)
 
 
