@@ -99,36 +99,37 @@ def decode_message(data: bytes, charset: str | None) -> tuple[str, str | None, b
     """Bytes -> (text, Python codec used, guessed: True when nothing declared it and UTF-8 failed).
 
     The codec is None for pure ASCII with no charset given: the text is the same in every charset
-    we accept, so MSH-18 is looked up only if someone asks (Message.codec).
-    A UTF-8 byte order mark (before MSH, after any leading whitespace or a stray MLLP start byte)
-    is dropped and means UTF-8 unless the channel says otherwise.
+    we accept, so MSH-18 is looked up only if someone asks (Message.codec). A UTF-8 byte order
+    mark (at the start, or after leading whitespace or a stray MLLP start byte) is dropped and
+    means UTF-8 unless the channel says otherwise. A declared charset (channel, MSH-18, BOM) that
+    the bytes do not fit is refused, never second-guessed.
     """
+    bom = False
     if data[:1] in (b"\x0b", b" ", b"\t", b"\r", b"\n") or data[:3] == _BOM:
         data = data.lstrip(_LEAD_BYTES)
         if data[:3] == _BOM:
-            data = data[3:]
-            if charset is None:
-                charset = "utf-8"
-    if charset is None:
+            data, bom = data[3:], True
+    if charset is not None:
+        codec, where = resolve_charset(charset), f"channel charset {charset!r}"
+    elif bom:
+        codec, where = "utf-8", "UTF-8 byte order mark"
+    else:
         if b"\x1b" not in data:
             try:  # pure ASCII reads the same in every charset we accept: skip the MSH-18 scan
                 return data.decode("ascii"), None, False
             except UnicodeDecodeError:
                 pass
         declared = _msh18_from_bytes(data)
-        codec = resolve_charset(declared) if declared else "utf-8"
-        where = f"MSH-18 {declared!r}" if declared else "default UTF-8 (MSH-18 empty)"
-        if not declared:
+        if not declared:  # UTF-8 by default; else what undeclared 8-bit senders nearly always mean
             try:
-                return data.decode(codec), codec, False
+                return data.decode("utf-8"), "utf-8", False
             except UnicodeDecodeError:
-                try:
-                    return data.decode(FALLBACK_CODEC), FALLBACK_CODEC, True
-                except UnicodeDecodeError:
-                    return data.decode("latin-1"), "latin-1", True
-    else:
-        codec = resolve_charset(charset)
-        where = f"channel charset {charset!r}"
+                pass
+            try:
+                return data.decode(FALLBACK_CODEC), FALLBACK_CODEC, True
+            except UnicodeDecodeError:
+                return data.decode("latin-1"), "latin-1", True
+        codec, where = resolve_charset(declared), f"MSH-18 {declared!r}"
     try:
         return data.decode(codec), codec, False
     except UnicodeDecodeError as e:

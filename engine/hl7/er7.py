@@ -3,8 +3,10 @@
 hl7apy builds a full object tree and manages ~100 messages/s; the hot path only ever reads a
 handful of fields. This view splits the text into segments once and splits a segment into fields
 the first time a path touches it; repetitions and components are split on each read (they are
-tiny). Paths are compiled once and cached. Groups (ORDER, OBSERVATION) are derived by walking
-ORC -> OBR -> OBX, which also keeps Z-segments that hl7apy would drop.
+tiny), all by one function (_value). Paths are compiled once and cached. Groups (ORDER,
+OBSERVATION) are derived by walking ORC -> OBR -> OBX, which also keeps Z-segments that hl7apy
+would drop. A group owns what it holds: `ZDS-1` read in an order is that order's ZDS or nothing,
+never another order's; `/ZDS-1` (a leading slash, as in HAPI's Terser) reads the message's.
 """
 
 from __future__ import annotations
@@ -708,8 +710,9 @@ class Message(_View):
         value = fields[f]
         if f <= 2 and p.segment == "MSH":
             return value
-        # _value inlined: the hot read (MSH-10, PID-3 ... of every message); calling _value here
-        # cost 3-4% of `benchmarks/mapping.py`'s view figure (parse + 5 reads) when measured
+        # _value inlined, kept for speed: this is the read of MSH-10, PID-3 ... of every message.
+        # Calling _value here measured 4-10% slower on benchmarks/mapping.py's view figure (parse +
+        # 5 reads; in-process A/B, best of 80 passes) and ~15% on the five reads alone.
         enc = self.encoding
         rs = enc.repetition
         r = p.rep
