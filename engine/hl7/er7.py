@@ -308,7 +308,7 @@ class _View:
         out: list[str] = []
         for i in idx:
             fields = msg._fields(i)
-            if p.rep != ALL or f <= 2 and p.segment == "MSH":
+            if p.rep != ALL or (f <= 2 and p.segment == "MSH"):
                 out.append(_read(msg, fields, p))
                 continue
             value = fields[f] if f < len(fields) else ""
