@@ -7,7 +7,7 @@ from functools import lru_cache
 from typing import Any
 
 _PATH = re.compile(
-    r"^(?P<seg>[A-Z][A-Z0-9]{2})(?:\[(?P<segrep>[1-9][0-9]*|\*)\])?"
+    r"^(?P<root>/)?(?P<seg>[A-Z][A-Z0-9]{2})(?:\[(?P<segrep>[1-9][0-9]*|\*)\])?"
     r"-(?P<field>[1-9][0-9]*)(?:\[(?P<rep>[1-9][0-9]*|\*)\])?"
     r"(?:\.(?P<comp>[1-9][0-9]*)(?:\.(?P<sub>[1-9][0-9]*))?)?$"
 )
@@ -35,7 +35,8 @@ def has_component(text: str) -> bool:
 
 
 def segment_of(text: str) -> str:
-    return text[:3]
+    """PID-3.1 -> PID; /ZDS-1 (the message's ZDS, even inside a for_each group) -> ZDS."""
+    return text[1:4] if text[:1] == "/" else text[:3]
 
 
 @lru_cache(maxsize=4096)
@@ -57,7 +58,8 @@ def repetition_path(text: str, index: int) -> str:
     m = _PATH.match(text)
     if m is None or text.count("[*]") != 1:
         raise ValueError("only a path with exactly one [*] has numbered repetitions")
-    out = m["seg"] + (f"[{index}]" if m["segrep"] == "*" else (f"[{m['segrep']}]" if m["segrep"] else ""))
+    out = (m["root"] or "") + m["seg"]
+    out += f"[{index}]" if m["segrep"] == "*" else (f"[{m['segrep']}]" if m["segrep"] else "")
     out += f"-{m['field']}" + (f"[{index}]" if m["rep"] == "*" else (f"[{m['rep']}]" if m["rep"] else ""))
     if m["comp"]:
         out += f".{m['comp']}" + (f".{m['sub']}" if m["sub"] else "")

@@ -121,7 +121,7 @@ async def test_mllp_release_2_commit_bytes(tmp_path: Path, stop_after) -> None:
 
 async def test_charset_override_wins_over_msh18(tmp_path: Path, stop_after) -> None:
     body = oru("CS-1").replace(b"Doe^Jane", "Müller^Jürgen".encode("latin-1")).replace(
-        b"|P|2.5.1", b"|P|2.5.1|||||UNICODE UTF-8")  # declared UTF-8, sent as Latin-1
+        b"|P|2.5.1", b"|P|2.5.1||||||UNICODE UTF-8")  # declared UTF-8 (MSH-18), sent as Latin-1
     plain = await start(tmp_path / "plain", "name: c\nsource: {type: mllp, port: 0}\n")
     stop_after.append(plain)
     refused = Message.parse(await exchange(plain, body))
