@@ -56,6 +56,7 @@ class HL7Adapter:
             sender=f"{msg.sending_application}|{msg.sending_facility}",
             patient_id=msg.get("PID-3.1"),
             encoding=msg.codec,  # the ACK goes back in the charset the message came in
+            warnings=list(msg.warnings),  # e.g. undeclared bytes read as cp1252 (MSH-18)
         )
 
     def check(self, unit: Received) -> None:
