@@ -1,0 +1,559 @@
+"""DICOM value rules (PS3.5 6.2) applied to a mapped worklist item before it is stored.
+
+A worklist item is the contract dict of `engine.dicom.dataset`: DICOM keyword -> DICOM-formatted
+string ("" for a zero-length value, backslash between the values of a multi-valued element, or a
+list of values), and a sequence as a list of such dicts. Each value is checked against the VR and
+VM its keyword has in pydicom's data dictionary; a value that breaks them is repaired or dropped
+with a `ProcessingWarning` (code 102), so that the SCP never answers with a value a modality could
+choke on. What is repaired, what is dropped:
+
+- text (SH, LO, ST, LT, UC, UT, PN): control characters become a space (LT/ST/UT keep CR, LF, FF,
+  TAB); a backslash in a single-valued field cuts the value there (it would read as a second
+  value); too long is cut at the limit, counted in characters as PS3.5 6.2 says, never between a
+  letter and its combining accent. PN: each of the (at most 3) component groups is cut to 64
+  characters, at most 5 components each.
+- codes and identifiers are never cut, since a cut one names something else: CS, AE, UI, DA, TM,
+  DT, AS, IS, UR and the keywords in `IDENTIFIERS` are dropped when invalid. CS in lower case is
+  upper-cased (with a warning); padding spaces (and NUL after a UID) are removed silently.
+- DA is a real date (YYYYMMDD), TM is HH, HHMM, HHMMSS or HHMMSS.F{1,6}, DT is YYYY[MM[DD[HH[MM
+  [SS[.F{1,6}]]]]]] with an optional &ZZXX offset; ranges (query syntax) are not stored values.
+
+A dropped value becomes "" (zero length). A keyword named in `required` (an index-free path such
+as "ScheduledProcedureStepSequence.Modality") with no valid value left raises `ProcessingError`
+(101 when it was missing or empty, 102 when it was dropped here). Keys that are not DICOM keywords
+are passed on untouched. Warnings name the element, never its value (PHI).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from datetime import date
+from functools import cache, lru_cache
+from typing import Any
+
+from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_dict
+from pydicom.valuerep import format_number_as_ds
+
+from engine.errors import DATA_TYPE_ERROR, REQUIRED_FIELD_MISSING, ProcessingError, ProcessingWarning
+
+__all__ = ["IDENTIFIERS", "check_item"]
+
+# Keywords whose value identifies a patient, order, step, study or code: a cut value would name
+# another one, so an invalid value is dropped (and refused when required), never cut.
+IDENTIFIERS: frozenset[str] = frozenset({
+    "PatientID", "IssuerOfPatientID", "OtherPatientIDs", "AccessionNumber", "AdmissionID",
+    "RequestedProcedureID", "ScheduledProcedureStepID", "StudyID",
+    "PlacerOrderNumberImagingServiceRequest", "FillerOrderNumberImagingServiceRequest",
+    "CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "LocalNamespaceEntityID",
+    "UniversalEntityID",
+})
+
+_CTRL = "\x00-\x1f\x7f-\x9f"  # C0, DEL and C1 controls (ESC has no meaning in decoded text)
+_TEXT_LIMITS = {"SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "UC": 0, "UT": 0}  # characters; 0: no limit
+_BLOCK_VRS = frozenset({"ST", "LT", "UT"})  # free text: backslash and CR LF FF TAB allowed, VM 1
+_INT_RANGES = {"US": (0, 0xFFFF), "SS": (-0x8000, 0x7FFF), "UL": (0, 0xFFFFFFFF), "SL": (-0x80000000, 0x7FFFFFFF),
+               "UV": (0, 2**64 - 1), "SV": (-(2**63), 2**63 - 1)}
+_OPAQUE_VRS = frozenset({"AT", "OB", "OD", "OF", "OL", "OV", "OW", "UN", "NONE"})
+
+_LINE_CTRL = re.compile(f"[{_CTRL}]+")
+_BLOCK_CTRL = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]+")
+_BLOCK_OK = re.compile("[^\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]*")
+_CS = re.compile(r"[A-Z0-9 _]{0,16}")
+_AE = re.compile(r"[\x20-\x5b\x5d-\x7e]{0,16}")
+_UI = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+_DA = re.compile(r"([0-9]{4})(0[1-9]|1[0-2])(0[1-9]|[12][0-9]|3[01])")
+_TM = re.compile(r"(?:[01][0-9]|2[0-3])(?:[0-5][0-9](?:(?:[0-5][0-9]|60)(?:\.[0-9]{1,6})?)?)?")
+_DT = re.compile(
+    r"([0-9]{4})(?:(0[1-9]|1[0-2])(?:(0[1-9]|[12][0-9]|3[01])(?:(?:[01][0-9]|2[0-3])"
+    r"(?:[0-5][0-9](?:(?:[0-5][0-9]|60)(?:\.[0-9]{1,6})?)?)?)?)?)?(?:[+-](?:0[0-9]|1[0-4])[0-5][0-9])?"
+)
+_DS = re.compile(r" *[+-]?(?:[0-9]+|[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)? *")
+_IS = re.compile(r" *[+-]?[0-9]+ *")
+_AS = re.compile(r"[0-9]{3}[DWMY]")
+_UR = re.compile(r"[A-Za-z0-9_:/?#\[\]@!$&'()*+,;=%\-.~]* *")
+
+_DROP = None  # what a single-value fix returns for "no valid value"
+Fix = Callable[[str, "_Spec"], "tuple[str | None, str]"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    """What the data dictionary says of one keyword, and the functions that check its values."""
+
+    keyword: str
+    vr: str
+    vm_max: int  # 0: unlimited
+    limit: int  # length limit of one value (characters), 0: none
+    identifier: bool
+    ok: Callable[[str], bool]  # the whole (possibly multi-valued) string is valid as it is
+    fix: Fix  # one value -> (repaired value or None to drop, reason; "" when nothing was wrong)
+
+    @property
+    def multi(self) -> bool:
+        return self.vm_max != 1
+
+
+# -- single-value repairs ------------------------------------------------------------------------
+
+
+def _cut(s: str, limit: int) -> str:
+    """The first `limit` characters, backing off so that no letter loses its combining marks."""
+    i = limit
+    while i > 0 and unicodedata.combining(s[i]):
+        i -= 1
+    return s[:i].rstrip(" ")
+
+
+def _fits(s: str, limit: int) -> bool:
+    """Within `limit` characters, also once padded: pydicom checks the length before it strips the
+    pad space, so a value at the limit whose UTF-8 form has an odd length reads as one too long."""
+    n = len(s)
+    return n < limit or n == limit and (s.isascii() or not len(s.encode("utf-8")) & 1)
+
+
+def _fix_text(s: str, spec: _Spec) -> tuple[str | None, str]:
+    reasons = []
+    block = spec.vr in _BLOCK_VRS
+    ctrl = _BLOCK_CTRL if block else _LINE_CTRL
+    if ctrl.search(s):
+        if spec.identifier:
+            return _DROP, "control characters"
+        s = ctrl.sub(" ", s).strip(" ")
+        reasons.append("control characters replaced by spaces")
+    if not block and not spec.multi and "\\" in s:
+        if spec.identifier:
+            return _DROP, "backslash in a single-valued element"
+        s = s[: s.index("\\")].rstrip(" ")
+        reasons.append("cut at a backslash (single-valued element)")
+    if spec.limit and len(s) > spec.limit:
+        if spec.identifier:
+            return _DROP, f"longer than {spec.limit} characters ({spec.vr})"
+        s = _cut(s, spec.limit)
+        reasons.append(f"cut to {spec.limit} characters ({spec.vr})")
+    if spec.limit and not spec.identifier and not _fits(s, spec.limit):
+        s = _cut(s, spec.limit - 1)
+        reasons.append(f"cut to {spec.limit - 1} characters ({spec.vr}; padded UTF-8 would read as {spec.limit + 1})")
+    return (s or _DROP), "; ".join(reasons)
+
+
+def _fix_pn(s: str, spec: _Spec) -> tuple[str | None, str]:
+    reasons = []
+    if _LINE_CTRL.search(s):
+        s = _LINE_CTRL.sub(" ", s).strip(" ")
+        reasons.append("control characters replaced by spaces")
+    if not spec.multi and "\\" in s:
+        s = s[: s.index("\\")]
+        reasons.append("cut at a backslash (single-valued element)")
+    groups = s.split("=")
+    if len(groups) > 3:
+        groups = groups[:3]
+        reasons.append("more than 3 component groups, extra groups dropped")
+    out = []
+    for group in groups:
+        parts = group.split("^")
+        if len(parts) > 5:
+            group = "^".join(parts[:5])
+            reasons.append("more than 5 components in a group, extra components dropped")
+        if len(group) > 64:
+            group = _cut(group, 64).rstrip("^ ")
+            reasons.append("component group cut to 64 characters (PN)")
+        out.append(group)
+    s = "=".join(out).rstrip("=")
+    return (s if s.strip("=^ ") else _DROP), "; ".join(reasons)
+
+
+def _fix_cs(s: str, spec: _Spec) -> tuple[str | None, str]:
+    t = s.strip(" ")
+    if _CS.fullmatch(t):
+        return t, ""
+    u = t.upper()
+    if u.isascii() and _CS.fullmatch(u):
+        return u, "upper-cased (CS)"
+    return _DROP, "longer than 16 characters (CS)" if len(t) > 16 else "not upper case letters, digits, space, _ (CS)"
+
+
+def _fix_ae(s: str, spec: _Spec) -> tuple[str | None, str]:
+    t = s.strip(" ")
+    if t and _AE.fullmatch(t):
+        return t, ""
+    if not t:
+        return _DROP, "only spaces (AE)"
+    return _DROP, "longer than 16 characters (AE)" if len(t) > 16 else "backslash or control characters (AE)"
+
+
+def _fix_ui(s: str, spec: _Spec) -> tuple[str | None, str]:
+    t = s.strip(" \x00")
+    if len(t) > 64:
+        return _DROP, "longer than 64 characters (UI)"
+    if _UI.fullmatch(t):
+        return t, ""
+    return _DROP, "not digits and dots without leading zeros (UI)"
+
+
+def _real_date(y: str, m: str | None, d: str | None) -> bool:
+    if not d:
+        return int(y) > 0
+    try:
+        date(int(y), int(m or 1), int(d))
+    except ValueError:
+        return False
+    return True
+
+
+def _fix_da(s: str, spec: _Spec) -> tuple[str | None, str]:
+    t = s.strip(" ")
+    m = _DA.fullmatch(t)
+    if m and _real_date(*m.groups()):
+        return t, ""
+    return _DROP, "not a date YYYYMMDD (DA)"
+
+
+def _fix_tm(s: str, spec: _Spec) -> tuple[str | None, str]:
+    t = s.strip(" ")
+    return (t, "") if _TM.fullmatch(t) else (_DROP, "not a time HH[MM[SS[.F{1,6}]]] (TM)")
+
+
+def _fix_dt(s: str, spec: _Spec) -> tuple[str | None, str]:
+    t = s.strip(" ")
+    m = _DT.fullmatch(t)
+    if m and _real_date(*m.groups()):
+        return t, ""
+    return _DROP, "not a date-time YYYY[MM[DD[HH[MM[SS[.F]]]]]][&ZZXX] (DT)"
+
+
+def _fix_ds(s: str, spec: _Spec) -> tuple[str | None, str]:
+    t = s.strip(" ")
+    if not _DS.fullmatch(t):
+        return _DROP, "not a decimal number (DS)"
+    if len(t) <= 16:
+        return t, ""
+    try:
+        return format_number_as_ds(float(t)), "rounded to 16 characters (DS)"
+    except (ValueError, OverflowError):
+        return _DROP, "not representable in 16 characters (DS)"
+
+
+def _is_valid(s: str) -> bool:
+    t = s.strip(" ")
+    return _IS.fullmatch(t) is not None and len(t) <= 12 and -(2**31) <= int(t) < 2**31
+
+
+def _fix_is(s: str, spec: _Spec) -> tuple[str | None, str]:
+    t = s.strip(" ")
+    return (t, "") if _is_valid(t) else (_DROP, "not an integer string in range (IS)")
+
+
+def _fix_as(s: str, spec: _Spec) -> tuple[str | None, str]:
+    t = s.strip(" ")
+    return (t, "") if _AS.fullmatch(t) else (_DROP, "not an age nnnD/W/M/Y (AS)")
+
+
+def _fix_ur(s: str, spec: _Spec) -> tuple[str | None, str]:
+    t = s.strip(" ")
+    return (t, "") if _UR.fullmatch(t) else (_DROP, "not a URI (UR)")
+
+
+# -- per-keyword specs (built once per keyword) ---------------------------------------------------
+
+
+def _whole(single: re.Pattern[str], limit: int, vm_max: int, padded: bool = False) -> Callable[[str], bool]:
+    """A fast test of a whole element string (all its values), built from the one-value pattern.
+
+    `padded`: non-ASCII text at the limit must also fit once padded (see `_fits`).
+    """
+    if vm_max == 1:
+        if padded:
+            return lambda s: _fits(s, limit) and single.fullmatch(s) is not None
+        if limit:
+            return lambda s: len(s) <= limit and single.fullmatch(s) is not None
+        return lambda s: single.fullmatch(s) is not None
+
+    def ok(s: str) -> bool:
+        values = s.split("\\") if "\\" in s else (s,)
+        if vm_max and len(values) > vm_max:
+            return False
+        for v in values:
+            if limit and (len(v) > limit or padded and not _fits(v, limit)) or single.fullmatch(v) is None:
+                return False
+        return True
+
+    return ok
+
+
+def _vm_max(vm: str) -> int:
+    top = vm.split("-")[-1]
+    return int(top) if top.isdigit() else 0
+
+
+_PN_GROUP = re.compile(rf"[^{_CTRL}\\=^]*")
+_AE_NOT_BLANK = re.compile(r"[\x20-\x5b\x5d-\x7e]*[\x21-\x5b\x5d-\x7e][\x20-\x5b\x5d-\x7e]*")
+_SIMPLE: dict[str, tuple[re.Pattern[str], int, Fix]] = {
+    "CS": (_CS, 16, _fix_cs),
+    "AE": (_AE_NOT_BLANK, 16, _fix_ae),
+    "UI": (_UI, 64, _fix_ui),
+    "TM": (_TM, 0, _fix_tm),
+    "DS": (_DS, 16, _fix_ds),
+    "AS": (_AS, 0, _fix_as),
+    "UR": (_UR, 0, _fix_ur),
+}
+
+
+def _is_ok(vm_max: int) -> Callable[[str], bool]:
+    def ok(s: str) -> bool:
+        values = s.split("\\")
+        return not (vm_max and len(values) > vm_max) and all(_is_valid(v) for v in values)
+
+    return ok
+
+
+def _date_ok(pattern: re.Pattern[str]) -> Callable[[str], bool]:
+    """DA/DT fast test: the form, and a real date (only days past the 28th need the calendar)."""
+
+    def ok(s: str) -> bool:
+        m = pattern.fullmatch(s)
+        if m is None:
+            return False
+        day = m[3]
+        return day is None or int(day) <= 28 or _real_date(*m.groups())
+
+    return ok
+
+
+def _pn_ok(vm_max: int) -> Callable[[str], bool]:
+    def ok(s: str) -> bool:
+        values = s.split("\\")
+        if vm_max and len(values) > vm_max:
+            return False
+        for v in values:
+            groups = v.split("=")
+            if len(groups) > 3:
+                return False
+            for g in groups:
+                if g.count("^") > 4 or not _PN_GROUP.fullmatch(g.replace("^", "")) or len(g) > 64:
+                    return False
+        return True
+
+    return ok
+
+
+@cache
+def _spec(keyword: str) -> _Spec | None:
+    """The spec of a DICOM keyword (None for a key that is not one); first VR of "US or SS" kinds."""
+    tag = keyword_dict.get(keyword)
+    if tag is None:
+        return None
+    vr = dictionary_VR(tag).split(" or ")[0]
+    vm_max = _vm_max(dictionary_VM(tag))
+    ident = keyword in IDENTIFIERS
+    if vr in _TEXT_LIMITS:
+        limit = _TEXT_LIMITS[vr]
+        if vr in _BLOCK_VRS:
+            pattern, vm_max = _BLOCK_OK, 1
+        else:
+            pattern = re.compile(rf"[^{_CTRL}\\]*")
+        padded = bool(limit) and not ident
+        return _Spec(keyword, vr, vm_max, limit, ident, _whole(pattern, limit, vm_max, padded), _fix_text)
+    if vr == "PN":
+        return _Spec(keyword, vr, vm_max, 64, ident, _pn_ok(vm_max), _fix_pn)
+    if vr in _SIMPLE:
+        pattern, limit, fix = _SIMPLE[vr]
+        return _Spec(keyword, vr, vm_max, limit, ident, _whole(pattern, limit, vm_max), fix)
+    if vr == "IS":
+        return _Spec(keyword, vr, vm_max, 12, ident, _is_ok(vm_max), _fix_is)
+    if vr in ("DA", "DT"):
+        return _Spec(keyword, vr, vm_max, 0, ident, _date_ok(_DA if vr == "DA" else _DT),
+                     _fix_da if vr == "DA" else _fix_dt)
+    # binary numbers must not stay strings (the slow path converts them); SQ and opaque VRs pass
+    binary = vr in _INT_RANGES or vr in ("FL", "FD")
+    return _Spec(keyword, vr, vm_max, 0, ident, _never if binary else _always, _keep)
+
+
+def _never(s: str) -> bool:
+    return False
+
+
+def _always(s: str) -> bool:
+    return True
+
+
+def _keep(s: str, spec: _Spec) -> tuple[str | None, str]:
+    return s, ""
+
+
+# -- the walk over an item ------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=64)
+def _required_tree(required: frozenset[str]) -> dict[str, frozenset[str]]:
+    """Index-free parent path with its dot -> required keywords under it ("" is the top level)."""
+    tree: dict[str, set[str]] = {}
+    for path in required:
+        parent, dot, keyword = path.rpartition(".")
+        tree.setdefault(parent + dot, set()).add(keyword)
+    return {k: frozenset(v) for k, v in tree.items()}
+
+
+class _Walk:
+    """One call's context: where warnings go, which paths are required, known HL7 locations."""
+
+    __slots__ = ("locations", "required", "source", "warnings")
+
+    def __init__(self, warnings: list[ProcessingWarning], required: dict[str, frozenset[str]],
+                 locations: Mapping[str, str], source: str) -> None:
+        self.warnings = warnings
+        self.required = required
+        self.locations = locations
+        self.source = source
+
+    def location(self, path: str, plain: str) -> str:
+        if not self.locations:
+            return ""
+        return self.locations.get(path) or self.locations.get(plain) or ""
+
+    def warn(self, path: str, plain: str, text: str) -> None:
+        self.warnings.append(ProcessingWarning(
+            text=f"{path}: {text}", code=DATA_TYPE_ERROR, location=self.location(path, plain),
+            source=self.source, target=path))
+
+    def refuse(self, path: str, plain: str, code: int, text: str) -> ProcessingError:
+        return ProcessingError(f"{path}: {text}", code, self.location(path, plain), ack_code="AE",
+                               source=self.source)
+
+    def item(self, item: dict[str, Any], prefix: str, plain_prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] | None = None
+        required = self.required.get(plain_prefix, frozenset())
+        for keyword, value in item.items():
+            spec = _spec(keyword)
+            if spec is None:
+                continue
+            path, plain = f"{prefix}{keyword}", f"{plain_prefix}{keyword}"
+            if spec.vr == "SQ":
+                new = self.sequence(value, spec, path, plain)
+            elif value is None or value == "":
+                new = value
+            elif type(value) is str and spec.ok(value):
+                continue  # the hot path: a valid string
+            else:
+                new = self.value(value, spec, path, plain)
+            if new is not value:
+                if out is None:
+                    out = dict(item)
+                out[keyword] = new
+            if keyword in required and (new is None or new == "" or new == []):
+                if value is None or value == "" or value == []:
+                    raise self.refuse(path, plain, REQUIRED_FIELD_MISSING, "required value is empty")
+                raise self.refuse(path, plain, DATA_TYPE_ERROR, f"required value is not valid {spec.vr}")
+        for keyword in required - item.keys():
+            raise self.refuse(f"{prefix}{keyword}", f"{plain_prefix}{keyword}", REQUIRED_FIELD_MISSING,
+                              "required value is missing")
+        return item if out is None else out
+
+    def sequence(self, value: Any, spec: _Spec, path: str, plain: str) -> Any:
+        if value is None or value == "":
+            return value
+        if isinstance(value, dict):
+            items: list[Any] = [value]
+        elif isinstance(value, list):
+            items = value
+        else:
+            self.warn(path, plain, "not a sequence of items, dropped")
+            return []
+        out = []
+        changed = items is not value
+        for i, entry in enumerate(items):
+            if not isinstance(entry, dict):
+                self.warn(f"{path}[{i}]", plain, "not a sequence item, dropped")
+                changed = True
+                continue
+            checked = self.item(entry, f"{path}[{i}].", f"{plain}.")
+            changed = changed or checked is not entry
+            out.append(checked)
+        return out if changed else value
+
+    def value(self, value: Any, spec: _Spec, path: str, plain: str) -> Any:
+        """A value that failed the fast test (or is not a str): repaired, cut or dropped ("")."""
+        if spec.vr in _INT_RANGES or spec.vr in ("FL", "FD"):
+            return self.binary(value, spec, path, plain)
+        if spec.vr in _OPAQUE_VRS:
+            return value
+        if isinstance(value, dict):
+            self.warn(path, plain, "a mapping where a value belongs, dropped")
+            return ""
+        as_list = isinstance(value, list)
+        values = [_text(v) for v in value] if as_list else None
+        if values is None:
+            text = _text(value)
+            values = text.split("\\") if spec.multi and spec.vr not in _BLOCK_VRS else [text]
+        reasons: list[str] = []
+        if spec.vm_max == 1 and len(values) > 1:
+            if spec.identifier:
+                self.warn(path, plain, "more than one value in a single-valued element, dropped")
+                return ""
+            values = values[:1]
+            reasons.append("only the first of several values kept (single-valued element)")
+        kept: list[str] = []
+        for v in values:
+            if v == "":
+                kept.append(v)
+                continue
+            fixed, why = spec.fix(v, spec)
+            if why:
+                reasons.append(why if fixed is not None else f"{why}, dropped")
+            if fixed is not None:
+                kept.append(fixed)
+        if spec.vm_max and len(kept) > spec.vm_max:
+            kept = kept[: spec.vm_max]
+            reasons.append(f"more than {spec.vm_max} values, extra values dropped")
+        if reasons:
+            self.warn(path, plain, "; ".join(dict.fromkeys(reasons)))
+        if not any(kept):
+            return ""
+        if as_list:
+            return value if not reasons and kept == value else kept
+        return "\\".join(kept)
+
+    def binary(self, value: Any, spec: _Spec, path: str, plain: str) -> Any:
+        """US/SS/UL/SL/UV/SV: an int in range; FL/FD: a number. Number strings become numbers."""
+        if not isinstance(value, bool):
+            if spec.vr in ("FL", "FD"):
+                if isinstance(value, (int, float)):
+                    return value
+                if isinstance(value, str) and _DS.fullmatch(value):
+                    return float(value)
+            else:
+                low, high = _INT_RANGES[spec.vr]
+                number = value if isinstance(value, int) else None
+                if isinstance(value, str) and _IS.fullmatch(value):
+                    number = int(value)
+                if number is not None and low <= number <= high:
+                    return number
+        self.warn(path, plain, f"not a number for {spec.vr}, dropped")
+        return ""
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(int(value))
+    return value if isinstance(value, str) else str(value)
+
+
+def check_item(
+    item: dict[str, Any],
+    *,
+    required: Collection[str] = (),
+    warnings: list[ProcessingWarning],
+    locations: Mapping[str, str] | None = None,
+    source: str = "",
+) -> dict[str, Any]:
+    """The item with every value valid for its VR; the input is returned as is when nothing changed.
+
+    `required`: index-free keyword paths ("PatientID", "ScheduledProcedureStepSequence.Modality")
+    that must keep a valid value, else ProcessingError (AE 101/102). `locations`: keyword path
+    (with or without indices) -> HL7 location for the warnings and errors (e.g. "ORC-18.1");
+    `source` names the mapping. Warnings are appended to `warnings`, one per element changed.
+    """
+    tree = _required_tree(required if isinstance(required, frozenset) else frozenset(required)) if required else {}
+    return _Walk(warnings, tree, locations or {}, source).item(item, "", "")
