@@ -40,6 +40,7 @@ from engine.dicom.vr_rules import (
     OPAQUE_VRS,
     TESTS,
     Spec,
+    fit_padding,
     spec_for,
     test_for,
 )
@@ -185,13 +186,17 @@ class _Walk:
         if spec.vm_max and len(kept) > spec.vm_max:
             kept = kept[: spec.vm_max]
             reasons.append(f"more than {spec.vm_max} values, extra values dropped")
+        padding = fit_padding(kept, spec)
+        if padding:
+            reasons.append(padding)
         if reasons:
             self.warn(path, plain, "; ".join(dict.fromkeys(reasons)))
         if not any(kept):
             return ""
         if as_list:
             return value if not reasons and kept == value else kept
-        return "\\".join(kept)
+        joined = "\\".join(kept)
+        return value if not reasons and joined == value else joined
 
     def binary(self, value: Any, spec: Spec, path: str, plain: str) -> Any:
         """US/SS/UL/SL/UV/SV: an int in range; FL/FD: a number. Number strings become numbers."""

@@ -19,7 +19,7 @@ from pydicom.valuerep import format_number_as_ds
 
 __all__ = [
     "BLOCK_VRS", "DS_FORM", "IDENTIFIERS", "INT_RANGES", "IS_FORM", "OPAQUE_VRS", "TESTS", "Spec",
-    "spec_for", "test_for",
+    "fit_padding", "spec_for", "test_for",
 ]
 
 
@@ -88,11 +88,22 @@ def _cut(s: str, limit: int) -> str:
     return s[:i].rstrip(" ")
 
 
-def _fits(s: str, limit: int) -> bool:
-    """Within `limit` characters, also once padded: pydicom checks the length before it strips the
-    pad space, so a value at the limit whose UTF-8 form has an odd length reads as one too long."""
-    n = len(s)
-    return n < limit or n == limit and (s.isascii() or not len(s.encode("utf-8")) & 1)
+def fit_padding(values: list[str], spec: Spec) -> str:
+    """Cut the last text value by one character when the padded element would read one too long.
+
+    An element of odd byte length gets a pad space, and pydicom checks the length of the last value
+    before it strips it: 16 characters of SH then read as 17. The answer's character set is chosen
+    later (ISO_IR 100 or 192), so both encodings' lengths count. Identifiers are left as they are.
+    Returns the reason ("" when nothing was cut); `values` is changed in place.
+    """
+    limit = spec.limit
+    if not limit or spec.identifier or spec.vr not in _TEXT_LIMITS or not values or len(values[-1]) != limit:
+        return ""
+    joined = "\\".join(values)
+    if not (len(joined) & 1 or len(joined.encode("utf-8")) & 1):
+        return ""
+    values[-1] = _cut(values[-1], limit - 1)
+    return f"cut to {limit - 1} characters ({spec.vr}; the padded value would read as {limit + 1})"
 
 
 def _fix_text(s: str, spec: Spec) -> tuple[str | None, str]:
@@ -114,9 +125,6 @@ def _fix_text(s: str, spec: Spec) -> tuple[str | None, str]:
             return _DROP, f"longer than {spec.limit} characters ({spec.vr})"
         s = _cut(s, spec.limit)
         reasons.append(f"cut to {spec.limit} characters ({spec.vr})")
-    if spec.limit and not spec.identifier and not _fits(s, spec.limit):
-        s = _cut(s, spec.limit - 1)
-        reasons.append(f"cut to {spec.limit - 1} characters ({spec.vr}; padded UTF-8 would read as {spec.limit + 1})")
     return (s or _DROP), "; ".join(reasons)
 
 
@@ -393,7 +401,7 @@ def _build_spec(keyword: str) -> Spec | None:
         if vr in BLOCK_VRS:
             vm_max = 1
         chars = _BLOCK_CHARS if vr in BLOCK_VRS else _LINE_CHARS
-        # text at its limit goes the slow way (see _fits), unless it is an identifier (never cut)
+        # text at its limit goes the slow way (see fit_padding), unless it is an identifier (never cut)
         fast_limit = limit if ident or not limit else limit - 1
         fast = f"{chars}{{0,{fast_limit}}}" if limit else f"{chars}*"
         quick = None if vr in BLOCK_VRS else _quick_text(fast_limit)

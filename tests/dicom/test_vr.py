@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import random
 import warnings
 from collections.abc import Iterator
 from io import BytesIO
@@ -220,6 +221,22 @@ def test_text_at_the_limit_fits_once_padded() -> None:
     assert checked(ident) == (ident, [])
 
 
+def test_the_last_of_several_values_fits_once_padded() -> None:
+    odd = {"PatientTelephoneNumbers": "ab\\" + "1" * 16}  # 19 bytes: padded, the last value reads as 17
+    out, found = checked(odd)
+    assert out == {"PatientTelephoneNumbers": "ab\\" + "1" * 15} and targets(found) == ["PatientTelephoneNumbers"]
+    read_back(out)
+    even = {"PatientTelephoneNumbers": "a\\" + "1" * 16}
+    assert checked(even) == (even, [])
+    read_back(even)
+
+
+def test_multi_valued_text_outside_latin1_is_answered_in_utf8() -> None:
+    item = {"MedicalAlerts": "Latex\\山", "OtherPatientNames": "Müller^Jürgen\\山田^太郎"}
+    assert checked(item) == (item, [])
+    assert read_back(item, "ISO_IR 100") == item  # before the fix: UnicodeEncodeError, answered as ISO_IR 100
+
+
 def test_a_cut_never_separates_a_letter_from_its_accent() -> None:
     decomposed = "e\u0301"  # é as e + COMBINING ACUTE ACCENT
     value = "x" * 15 + decomposed  # 17 code points: the cut at 16 would strip the accent
@@ -337,3 +354,44 @@ def test_shipped_mapping_outputs_pass_unchanged(sample: str) -> None:
         assert check_output(output, warnings=found, required=("PatientID", f"{SPS}.Modality")) is output
         assert found == []
         read_back(output["dataset"], "ISO_IR 100")
+
+
+# -- random nasty values: whatever comes in, pydicom reads what comes out ---------------------------
+
+FUZZ_KEYWORDS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "PatientWeight", "PatientComments",
+    "MedicalAlerts", "OtherPatientNames", "AccessionNumber", "StudyInstanceUID", "RequestedProcedureDescription",
+    "RequestedProcedureComments", "NumberOfStudyRelatedSeries", "StudyTime", "FrameReferenceDateTime",
+    "StrainDescription", "RetrieveURL", "PregnancyStatus", "PatientTelephoneNumbers",
+)
+FUZZ_SPS_KEYWORDS = (
+    "Modality", "ScheduledStationAETitle", "ScheduledProcedureStepStartDate", "ScheduledProcedureStepStartTime",
+    "ScheduledPerformingPhysicianName", "ScheduledProcedureStepDescription", "ScheduledStationName",
+)
+FUZZ_CHARS = (
+    "ABCXYZ", "abcxyz", "0123456789", "0123456789", " ", "\\", "^", "=", ".", "-", ":", "_", "/", "+",
+    "\x00", "\x07", "\r", "\n", "\t", "\x1b", "\x85", "\x7f", "ü", "é", "ß", "山", "\u0301", "\u00a0",
+)
+
+
+def _fuzz_value(rng: random.Random) -> str:
+    if rng.random() < 0.4:  # digit strings near the DA/TM/DT/UI/DS/IS forms
+        base = rng.choice(["20261125", "19800229", "100000.5", "1.2.840.10008", "70.5", "12", "2026112510"])
+        chars = list(base)
+        for _ in range(rng.randrange(3)):
+            chars.insert(rng.randrange(len(chars) + 1), rng.choice("0123456789.-+ \\:"))
+        return "".join(chars)
+    n = rng.choice([1, 2, 5, 15, 16, 17, 30, 63, 64, 65, 70, 200])
+    return "".join(rng.choice(rng.choice(FUZZ_CHARS)) for _ in range(n))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_values_always_come_out_readable(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(25):
+        item: dict[str, Any] = {k: _fuzz_value(rng) for k in rng.sample(FUZZ_KEYWORDS, 10)}
+        item[SPS] = [{k: _fuzz_value(rng) for k in rng.sample(FUZZ_SPS_KEYWORDS, 5)}]
+        out, _ = checked(item)
+        read_back(out, rng.choice(["ISO_IR 100", "ISO_IR 192"]))
+        again, more = checked(out)
+        assert again == out and more == []
