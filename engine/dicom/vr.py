@@ -10,8 +10,9 @@ choke on. What is repaired, what is dropped:
 - text (SH, LO, ST, LT, UC, UT, PN): control characters become a space (LT/ST/UT keep CR, LF, FF,
   TAB); a backslash in a single-valued field cuts the value there (it would read as a second
   value); too long is cut at the limit, counted in characters as PS3.5 6.2 says, never between a
-  letter and its combining accent. PN: each of the (at most 3) component groups is cut to 64
-  characters, at most 5 components each.
+  letter and its combining accent, and one shorter when the padded element would read as one too
+  long (pydicom checks before it strips the pad). PN: each of the (at most 3) component groups is
+  cut to 64 characters, at most 5 components each.
 - codes and identifiers are never cut, since a cut one names something else: CS, AE, UI, DA, TM,
   DT, AS, IS, UR and the keywords in `IDENTIFIERS` are dropped when invalid. CS in lower case is
   upper-cased (with a warning); padding spaces (and NUL after a UID) are removed silently.
