@@ -369,24 +369,28 @@ _FIX: dict[str, Fix] = {
     "PN": _fix_pn, "CS": _fix_cs, "AE": _fix_ae, "UI": _fix_ui, "DA": _fix_da, "DT": _fix_dt, "TM": _fix_tm,
     "DS": _fix_ds, "IS": _fix_is, "AS": _fix_as, "UR": _fix_ur,
 }
-_SPECS: dict[str, Spec | None] = {}
+_SPECS: dict[str, Spec] = {}
 TESTS: dict[str, Callable[[str], object]] = {}  # keyword -> its spec's `ok`, for the hot path
 
 
 def spec_for(keyword: str) -> Spec | None:
-    """The spec of a DICOM keyword (None for a key that is not one), built on first use."""
-    try:
-        return _SPECS[keyword]
-    except KeyError:
-        spec = _SPECS[keyword] = _build_spec(keyword)
-        TESTS[keyword] = _always if spec is None else spec.ok
-        return spec
+    """The spec of a DICOM keyword (None for a key that is not one), built on first use.
+
+    Only DICOM keywords are kept, so the caches stay bounded whatever keys an item brings.
+    """
+    spec = _SPECS.get(keyword)
+    if spec is None:
+        spec = _build_spec(keyword)
+        if spec is not None:
+            _SPECS[keyword] = spec
+            TESTS[keyword] = spec.ok
+    return spec
 
 
 def test_for(keyword: str) -> Callable[[str], object]:
     """The fast test of a keyword's string values (a non-keyword's are not checked)."""
-    spec_for(keyword)
-    return TESTS[keyword]
+    spec = spec_for(keyword)
+    return _always if spec is None else spec.ok
 
 
 def _build_spec(keyword: str) -> Spec | None:
