@@ -12,6 +12,7 @@ from typing import Any
 
 from pydicom.datadict import dictionary_VR, keyword_dict
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
 from engine.dicom.matching import SPS_SEQ, value_text
@@ -98,7 +99,7 @@ def _texts(ds: Dataset) -> list[str]:
             found.append(elem.value)
         elif elem.VR == "PN" and elem.value is not None:
             found.append(str(elem.value))
-        elif isinstance(elem.value, list):
+        elif isinstance(elem.value, (list, MultiValue)):  # MultiValue is no list
             found.extend(str(v) for v in elem.value)
     return found
 

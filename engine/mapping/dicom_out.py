@@ -6,6 +6,7 @@ sequences and "" an empty (zero-length) element, which is what a type 2 attribut
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from pydicom import config
@@ -13,6 +14,9 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+
+from engine.dicom.vr import check_item
+from engine.errors import ProcessingWarning
 
 
 def to_dataset(d: dict[str, Any], *, validate: bool = False) -> Dataset:
@@ -46,3 +50,23 @@ def to_dataset(d: dict[str, Any], *, validate: bool = False) -> Dataset:
             value = str(int(value))
         ds.add(DataElement(tag, vr, value, validation_mode=mode))
     return ds
+
+
+def check_output(
+    output: dict[str, Any],
+    *,
+    required: Collection[str] = (),
+    warnings: list[ProcessingWarning],
+    locations: Mapping[str, str] | None = None,
+    source: str = "",
+) -> dict[str, Any]:
+    """A mapped DICOM output with every value valid for its VR (see engine.dicom.vr.check_item).
+
+    A worklist output ({"control", "dataset"}) has its "dataset" checked, any other output the whole
+    dict; `output` itself is not changed. Call it once per output, before the output is stored.
+    """
+    dataset = output.get("dataset")
+    if isinstance(dataset, dict):  # "dataset" is no DICOM keyword: this is a worklist output
+        checked = check_item(dataset, required=required, warnings=warnings, locations=locations, source=source)
+        return output if checked is dataset else {**output, "dataset": checked}
+    return check_item(output, required=required, warnings=warnings, locations=locations, source=source)
