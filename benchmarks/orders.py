@@ -45,7 +45,7 @@ from pydicom.dataset import Dataset  # noqa: E402
 from pynetdicom import AE  # noqa: E402
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]  # noqa: E402
 
-from engine.dicom.mwl_scp import quiet_pynetdicom, set_nodelay  # noqa: E402
+from engine.dicom.scp import quiet_pynetdicom, set_nodelay  # noqa: E402
 from engine.hl7.mllp import MLLPClient  # noqa: E402
 
 TARGET_RATE = 2000.0

@@ -45,7 +45,9 @@ from pynetdicom import AE  # noqa: E402
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]  # noqa: E402
 from sqlalchemy import Engine  # noqa: E402
 
-from engine.dicom.mwl_scp import WorklistSCP, quiet_pynetdicom, set_nodelay  # noqa: E402
+from engine.dicom.scp import DicomApplication, quiet_pynetdicom, set_nodelay  # noqa: E402
+from engine.dicom.services.echo import EchoService  # noqa: E402
+from engine.dicom.services.mwl import WorklistService  # noqa: E402
 from engine.store.db import make_engine, sqlite_url_for  # noqa: E402
 from engine.store.worklist import WorklistItem, insert_many  # noqa: E402
 
@@ -348,8 +350,8 @@ def check_targets(rows: list[dict[str, Any]]) -> bool:
 
 
 def serve(url: str, port: int) -> None:
-    """Child process: the engine's WorklistSCP on the benchmark's store until terminated."""
-    scp = WorklistSCP(make_engine(url), AET, "127.0.0.1", port)
+    """Child process: the engine's DICOM application (C-ECHO + MWL) on the benchmark's store until terminated."""
+    scp = DicomApplication(AET, "127.0.0.1", port, [EchoService(), WorklistService(make_engine(url))])
     scp.start()
     signal.signal(signal.SIGTERM, lambda *_: (scp.stop(), sys.exit(0)))
     while True:

@@ -9,17 +9,16 @@ only has to never drop a true match.
 from __future__ import annotations
 
 import json
-import threading
-import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pydicom.dataset import Dataset
-from sqlalchemy import Engine, and_, create_engine, event, select
+from sqlalchemy import Engine, and_, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from engine.dicom.dataset import build_response
 from engine.dicom.matching import SPS_SEQ, Key, Query, _da_bounds, _make_test, compile_query, matches, matching_steps
+from engine.store.db import make_read_engine
 from engine.store.worklist import OPEN_STATUSES, WorklistItem, pn_key
 
 __all__ = ["candidates_sql", "find", "prepare"]
@@ -124,34 +123,6 @@ def _with_status(item: dict[str, Any], status: str) -> dict[str, Any]:
     return item
 
 
-_readers: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
-_readers_lock = threading.Lock()
-
-
-def _reader(db_engine: Engine) -> Engine:
-    """A read-only sibling engine for file SQLite: the store's engine begins every transaction with
-    BEGIN IMMEDIATE (the write lock), which would queue C-FINDs behind the message writer. Plain
-    SELECTs in WAL mode read a snapshot without any lock. Other databases use the engine as is.
-    """
-    url = db_engine.url
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
-        return db_engine
-    with _readers_lock:
-        reader = _readers.get(db_engine)
-        if reader is None:
-            reader = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-
-            @event.listens_for(reader, "connect")
-            def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-                cur = dbapi_conn.cursor()
-                cur.execute("PRAGMA query_only=ON")
-                cur.execute("PRAGMA busy_timeout=30000")
-                cur.close()
-
-            _readers[db_engine] = reader
-        return reader
-
-
 def find(
     db_engine: Engine, identifier: Dataset, *, caller_aet: str = "", station_from_caller: bool = False
 ) -> Iterator[Dataset]:
@@ -161,12 +132,12 @@ def find(
     a slow network peer never holds a database connection.
     """
     query = prepare(identifier, caller_aet=caller_aet, station_from_caller=station_from_caller)
-    with _reader(db_engine).connect() as conn:
+    with make_read_engine(db_engine).connect() as conn:
         rows = conn.execute(candidates_sql(query)).all()
     return _answers(query, identifier, rows)
 
 
-def _answers(query: Query, identifier: Dataset, rows: list[Any]) -> Iterator[Dataset]:
+def _answers(query: Query, identifier: Dataset, rows: Sequence[Any]) -> Iterator[Dataset]:
     for status, text in rows:
         item = _with_status(json.loads(text), status)
         if matches(query, item):

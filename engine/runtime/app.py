@@ -112,20 +112,14 @@ class EngineApp:
             log.info("channel %s (%s) listening on %s", spec.config.name, spec.input.type, ep)
 
     def _start_scp(self) -> None:
-        from engine.dicom.mwl_scp import WorklistSCP
+        from engine.dicom.scp import DicomApplication, ServiceContext
+        from engine.dicom.services import DEFAULT_SERVICES, default_registry
 
         d = self.config.engine.dicom
         assert self.db is not None
-        self.scp = WorklistSCP(
-            self.db,
-            d.ae_title,
-            d.host,
-            d.port,
-            allowed_callers=d.allowed_callers or None,
-            station_from_caller=d.station_from_caller,
-        )
-        self.scp.start()
-        log.info("DICOM worklist SCP %s listening on %s:%s", d.ae_title, d.host, self.scp.port)
+        services = default_registry().build(DEFAULT_SERVICES, ServiceContext(self.db, d.model_dump()))
+        self.scp = DicomApplication(d.ae_title, d.host, d.port, services, allowed_callers=d.allowed_callers or None)
+        self.scp.start()  # logs its AE title, address and services
 
     def _start_jobs(self) -> None:
         from apscheduler.schedulers.asyncio import AsyncIOScheduler

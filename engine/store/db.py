@@ -3,11 +3,15 @@
 Durable means on disk: SQLite runs with `synchronous=FULL`, PostgreSQL with
 `synchronous_commit=on`. SQLite write transactions start with `BEGIN IMMEDIATE` so two writers
 queue on the lock instead of failing half-way through with "database is locked".
+Readers that must not queue behind the writer (worklist C-FIND) use `make_read_engine`.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlmodel import SQLModel
@@ -50,6 +54,41 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
         dbapi_conn.commit()
 
     return engine
+
+
+_read_engines: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+_read_only: weakref.WeakSet[Engine] = weakref.WeakSet()
+_read_lock = threading.Lock()
+
+
+def make_read_engine(db: Engine) -> Engine:
+    """The engine to run plain SELECTs on: `db` itself for PostgreSQL and in-memory SQLite, and for a
+    SQLite file one read-only sibling per store engine (made once, then reused).
+
+    The store's SQLite engine begins every transaction with BEGIN IMMEDIATE (the write lock), which
+    would queue readers behind the message writer; in WAL mode a plain SELECT reads a snapshot
+    without any lock. `PRAGMA query_only` makes the sibling refuse writes.
+    """
+    url = db.url
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return db
+    with _read_lock:
+        if db in _read_only:
+            return db
+        reader = _read_engines.get(db)
+        if reader is None:
+            reader = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+            @event.listens_for(reader, "connect")
+            def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA query_only=ON")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.close()
+
+            _read_engines[db] = reader
+            _read_only.add(reader)
+        return reader
 
 
 def init_db(engine: Engine) -> None:

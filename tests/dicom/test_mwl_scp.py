@@ -1,4 +1,4 @@
-"""The MWL SCP over real sockets: pynetdicom SCU and dcmtk's findscu/echoscu as clients."""
+"""The worklist service in the DICOM application, over real sockets: pynetdicom SCU and dcmtk's findscu/echoscu."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification  
 from sqlalchemy import Engine
 from wl_helpers import make_item
 
-from engine.dicom.mwl_scp import WorklistSCP
+from engine.dicom.scp import DicomApplication, ServiceContext
+from engine.dicom.services import DEFAULT_SERVICES, default_registry
 from engine.store.worklist import insert_item, insert_many, set_status
 
 
@@ -27,6 +28,12 @@ def dcmtk(tool: str) -> str:
         if candidate and Path(candidate).exists() and "pyenv" not in candidate:
             return candidate
     pytest.skip(f"dcmtk {tool} not installed")
+
+
+def mwl_app(db: Engine, *, allowed_callers: list[str] | None = None, **settings: Any) -> DicomApplication:
+    """The application as the engine builds it (C-ECHO + MWL), on an ephemeral port; not started."""
+    services = default_registry().build(DEFAULT_SERVICES, ServiceContext(db, settings))
+    return DicomApplication("ENGINE", "127.0.0.1", 0, services, allowed_callers=allowed_callers)
 
 
 @pytest.fixture
@@ -56,8 +63,8 @@ def filled(sqlite_engine: Engine) -> Engine:
 
 
 @pytest.fixture
-def scp(filled: Engine) -> Iterator[WorklistSCP]:
-    server = WorklistSCP(filled, "ENGINE", "127.0.0.1", 0)
+def scp(filled: Engine) -> Iterator[DicomApplication]:
+    server = mwl_app(filled)
     server.start()
     yield server
     server.stop()
@@ -99,7 +106,7 @@ def scu_find(port: int, query: Dataset, *, calling: str = "TESTSCU") -> tuple[li
     return answers, final
 
 
-def test_broad_query(scp: WorklistSCP) -> None:
+def test_broad_query(scp: DicomApplication) -> None:
     ct1_week = {"ScheduledStationAETitle": "CT1", "ScheduledProcedureStepStartDate": "20261120-20261125"}
     answers, status = scu_find(scp.port, ident(sps=ct1_week))
     assert status == 0x0000
@@ -109,7 +116,7 @@ def test_broad_query(scp: WorklistSCP) -> None:
     assert len(answers) == 8  # n in {0, 3, 12, 15, 21, 24} + the two named items (CT1, 25 Nov)
 
 
-def test_patient_query_returns_every_key(scp: WorklistSCP) -> None:
+def test_patient_query_returns_every_key(scp: DicomApplication) -> None:
     query = ident(AccessionNumber="ACC07", RequestedProcedureID="", PatientBirthDate="", AdmissionID="")
     answers, status = scu_find(scp.port, query)
     assert status == 0
@@ -120,14 +127,14 @@ def test_patient_query_returns_every_key(scp: WorklistSCP) -> None:
     assert a.ScheduledProcedureStepSequence[0].Modality == "CT"
 
 
-def test_wildcard_and_cancelled_items(scp: WorklistSCP) -> None:
+def test_wildcard_and_cancelled_items(scp: DicomApplication) -> None:
     answers, _ = scu_find(scp.port, ident(PatientName="patient0*"))
     assert sorted(a.PatientID for a in answers) == [f"P{n}" for n in range(10)]
     answers, _ = scu_find(scp.port, ident(AccessionNumber="ACCX"))
     assert answers == []
 
 
-def test_utf8_names_are_returned_with_iso_ir_192(scp: WorklistSCP) -> None:
+def test_utf8_names_are_returned_with_iso_ir_192(scp: DicomApplication) -> None:
     query = ident(PatientName="MÜLLER*", SpecificCharacterSet="ISO_IR 192")
     answers, _ = scu_find(scp.port, query)
     assert len(answers) == 1
@@ -138,14 +145,14 @@ def test_utf8_names_are_returned_with_iso_ir_192(scp: WorklistSCP) -> None:
     assert str(answers[0].PatientName).startswith("Yamada^Tarou=山田^太郎")
 
 
-def test_latin1_query_gets_latin1_answer(scp: WorklistSCP) -> None:
+def test_latin1_query_gets_latin1_answer(scp: DicomApplication) -> None:
     answers, _ = scu_find(scp.port, ident(PatientID="PM", SpecificCharacterSet="ISO_IR 100"))
     assert answers[0].SpecificCharacterSet == "ISO_IR 100"
     assert str(answers[0].PatientName) == "Müller^Jürgen"
 
 
 def test_top_level_keys_and_station_from_caller(filled: Engine) -> None:
-    server = WorklistSCP(filled, "ENGINE", "127.0.0.1", 0, station_from_caller=True)
+    server = mwl_app(filled, station_from_caller=True)
     server.start()
     try:
         answers, _ = scu_find(server.port, ident(), calling="MR1")
@@ -157,7 +164,7 @@ def test_top_level_keys_and_station_from_caller(filled: Engine) -> None:
         server.stop()
 
 
-def test_c_echo(scp: WorklistSCP) -> None:
+def test_c_echo(scp: DicomApplication) -> None:
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", scp.port, ae_title="ENGINE")
@@ -169,7 +176,7 @@ def test_c_echo(scp: WorklistSCP) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_malformed_identifier_gets_failure_status(scp: WorklistSCP) -> None:
+def test_malformed_identifier_gets_failure_status(scp: DicomApplication) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bad_date = ident(sps={"ScheduledProcedureStepStartDate": "2026-11-25"})
@@ -182,7 +189,7 @@ def test_malformed_identifier_gets_failure_status(scp: WorklistSCP) -> None:
 
 
 def test_allowed_callers(filled: Engine) -> None:
-    server = WorklistSCP(filled, "ENGINE", "127.0.0.1", 0, allowed_callers=["CT1"])
+    server = mwl_app(filled, allowed_callers=["CT1"])
     server.start()
     try:
         ae = AE(ae_title="INTRUDER")
@@ -200,7 +207,7 @@ def test_database_failure_gets_unable_to_process(filled: Engine) -> None:
 
     with filled.begin() as conn:
         conn.execute(text("DROP TABLE worklist_items"))
-    server = WorklistSCP(filled, "ENGINE", "127.0.0.1", 0)
+    server = mwl_app(filled)
     server.start()
     try:
         answers, status = scu_find(server.port, ident(AccessionNumber="ACC01"))
@@ -210,17 +217,17 @@ def test_database_failure_gets_unable_to_process(filled: Engine) -> None:
 
 
 @pytest.fixture
-def big_scp(sqlite_engine: Engine) -> Iterator[WorklistSCP]:
+def big_scp(sqlite_engine: Engine) -> Iterator[DicomApplication]:
     """Enough answers that a cancel surely arrives before the last one."""
     with sqlite_engine.begin() as conn:
         insert_many(conn, [make_item(PatientID=f"C{n}", AccessionNumber=f"C{n}") for n in range(3000)])
-    server = WorklistSCP(sqlite_engine, "ENGINE", "127.0.0.1", 0)
+    server = mwl_app(sqlite_engine)
     server.start()
     yield server
     server.stop()
 
 
-def test_cancel_is_handled_cleanly(big_scp: WorklistSCP) -> None:
+def test_cancel_is_handled_cleanly(big_scp: DicomApplication) -> None:
     # This SCU shares the process (and the GIL) with the SCP, which can therefore queue all its
     # answers before the cancel is even sent; that the cancel stops the answers is shown by the
     # out-of-process findscu test below. Here: either outcome is clean, and the association
@@ -262,7 +269,7 @@ SPS_RETURN = [
 ]
 
 
-def test_findscu_broad_query(scp: WorklistSCP, tmp_path: Path) -> None:
+def test_findscu_broad_query(scp: DicomApplication, tmp_path: Path) -> None:
     keys = ["PatientName", "PatientID", "AccessionNumber", *SPS_RETURN]
     keys += ["ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartDate=20261121-20261122"]
     rsps, done = findscu(scp.port, keys, tmp_path / "broad")
@@ -273,7 +280,7 @@ def test_findscu_broad_query(scp: WorklistSCP, tmp_path: Path) -> None:
     )
 
 
-def test_findscu_patient_query_and_wildcard(scp: WorklistSCP, tmp_path: Path) -> None:
+def test_findscu_patient_query_and_wildcard(scp: DicomApplication, tmp_path: Path) -> None:
     rsps, done = findscu(
         scp.port, ["PatientName=PATIENT1*", "PatientID", "AccessionNumber", *SPS_RETURN], tmp_path / "p"
     )
@@ -283,7 +290,7 @@ def test_findscu_patient_query_and_wildcard(scp: WorklistSCP, tmp_path: Path) ->
     assert len(rsps) == 1 and str(rsps[0].PatientName) == "Patient05^Test"
 
 
-def test_findscu_time_range_and_utf8(scp: WorklistSCP, tmp_path: Path) -> None:
+def test_findscu_time_range_and_utf8(scp: DicomApplication, tmp_path: Path) -> None:
     keys = ["PatientID", "SpecificCharacterSet=ISO_IR 192", "PatientName=Yamada*"]
     rsps, done = findscu(scp.port, keys, tmp_path / "u")
     assert done.returncode == 0, done.stderr
@@ -296,7 +303,7 @@ def test_findscu_time_range_and_utf8(scp: WorklistSCP, tmp_path: Path) -> None:
     )
 
 
-def test_findscu_cancel(big_scp: WorklistSCP, tmp_path: Path) -> None:
+def test_findscu_cancel(big_scp: DicomApplication, tmp_path: Path) -> None:
     counts = []
     for attempt in range(5):  # the SCP may have sent every answer before the cancel arrives
         rsps, done = findscu(big_scp.port, ["PatientID"], tmp_path / f"c{attempt}", "--cancel", "1")
