@@ -7,8 +7,8 @@ print(render(outputs, mapping.output))
 """
 
 from engine.configfile import Problem
-from engine.mapping.compiler import Settings
 from engine.mapping.conditions import compile_condition
+from engine.mapping.context import Settings
 from engine.mapping.dicom_out import to_dataset
 from engine.mapping.examples import check_examples
 from engine.mapping.formats import FORMATS, FormatRegistry

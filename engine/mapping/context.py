@@ -106,7 +106,7 @@ def position(node: Any, key: Any) -> tuple[int, int]:
     """1-based line and column of `key` in a ruamel mapping (or item `key` of a sequence)."""
     try:
         if isinstance(key, int) and isinstance(node, list):
-            ln, cl = node.lc.item(key)
+            ln, cl = node.lc.item(key)  # type: ignore[attr-defined]  # a ruamel CommentedSeq
         elif key is None:
             ln, cl = node.lc.line, node.lc.col
         else:
