@@ -29,9 +29,9 @@ from engine.mapping.rules import (
     compile_when,
     empty_closure,
     is_rule,
+    recover_closure,
     rule_closure,
     table_lookup,
-    value_location,
 )
 
 __all__ = ["compile_fields"]
@@ -119,8 +119,14 @@ def _value_lines(target: RulePlan | Evaluator, ns: dict[str, Any], tag: str) -> 
         ns[f"E{tag}"] = rule_closure(plan)
         return [f"v = E{tag}(scope)"], False
     if plan.tables:  # one table, nothing else: an empty read stays empty
-        ns[f"L{tag}"] = table_lookup(plan.rule, plan.tables[0])
-        return [*_read_lines(plan.reads, ns, tag), f"if v: v = L{tag}(v, scope)"], False
+        ns[f"L{tag}"], ns[f"R{tag}"] = table_lookup(plan.rule, plan.tables[0]), recover_closure(plan)
+        lines = _read_lines(plan.reads, ns, tag)
+        lines += [
+            "if v:",
+            f"    try: v = L{tag}(v, scope)",
+            f"    except ProcessingError as exc: v = R{tag}(exc, scope)",  # next field of the chain, or on_invalid
+        ]
+        return lines, False
     if single is None:  # a copy, then default/required when it came back empty
         lines = _read_lines(plan.reads, ns, tag)
         if not plan.has_fallback:
@@ -128,14 +134,12 @@ def _value_lines(target: RulePlan | Evaluator, ns: dict[str, Any], tag: str) -> 
         ns[f"FIN{tag}"] = empty_closure(plan)
         return [*lines, f"if not v: v = FIN{tag}(scope)"], False
     lines = _read_lines(plan.reads, ns, tag) if plan.reads else _components_lines(plan.component_reads, ns, tag)
-    ns[f"F{tag}"], ns[f"RC{tag}"] = single, plan.rule
+    ns[f"F{tag}"], ns[f"RC{tag}"], ns[f"R{tag}"] = single, plan.rule, recover_closure(plan)
     lines += [
         "try:",
         f"    v = F{tag}(v, RC{tag}, scope)",
         "except ProcessingError as exc:",
-        "    if not exc.location:",
-        f"        exc.location = value_location(RC{tag}, scope)",
-        "    raise",
+        f"    v = R{tag}(exc, scope)",  # the next field of the chain, or on_invalid
     ]
     if plan.has_fallback:  # default:/required: act on an empty result only
         ns[f"FIN{tag}"] = empty_closure(plan)
@@ -150,7 +154,6 @@ def _namespace() -> dict[str, Any]:
         "CONTAINERS": CONTAINERS,
         "is_empty": is_empty,
         "ProcessingError": ProcessingError,
-        "value_location": value_location,
         "parts": parts,
     }
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -34,7 +34,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from engine.configfile import ConfigError, Problem, YamlDocument
-from engine.errors import SEGMENT_SEQUENCE_ERROR, ProcessingError
+from engine.errors import SEGMENT_SEQUENCE_ERROR, ProcessingError, ProcessingWarning
 from engine.mapping import paths as hp
 from engine.mapping.compiler import compile_fields
 from engine.mapping.conditions import ConditionError, Predicate, parse_condition
@@ -56,6 +56,7 @@ class Example:
     expect: Any = None  # list of outputs, or a dict checked against the first output
     error: dict[str, Any] | None = None  # expected refusal: {code, location, text}
     description: str = ""
+    warnings: list[dict[str, Any]] = field(default_factory=list)  # expected: {code, location, target, text}
 
 
 class Mapping:
@@ -90,27 +91,32 @@ class Mapping:
         self._when = when
         self._for_each_source = f"{display}:{for_each_line}"
 
-    def run(self, message: Any) -> list[dict[str, Any]]:
-        """Map one message: one dict per `for_each` group, or one for the message ([] when `when` is false)."""
-        whole = Scope(message, message)
+    def run(self, message: Any, warnings: list[ProcessingWarning] | None = None) -> list[dict[str, Any]]:
+        """Map one message: one dict per `for_each` group, or one for the message ([] when `when` is false).
+
+        Optional values that were dropped (or read although not sent as HL7 says) are appended
+        to `warnings` as ProcessingWarning; without a list they are not kept.
+        """
+        whole = Scope(message, message, warnings=warnings)
         if self._when is not None and not self._when(whole):
             return []
         if self.for_each is None:
             return [self._build(whole)]
         groups = message.groups(self.for_each)
+        if self.for_each == "ORDER" and "\rOBR" not in whole.text:
+            groups = []  # an ORC alone orders nothing: no procedure to schedule
         if not groups:
             if self.settings.empty_groups == "skip":
                 return []
-            raise ProcessingError(
-                f"message has no {self.for_each} group to map",
-                SEGMENT_SEQUENCE_ERROR,
-                "ORC" if self.for_each == "ORDER" else "OBX",
-                source=self._for_each_source,
-            )
+            if self.for_each == "ORDER":
+                text, location = "no ORDER group (no ORC/OBR)", "OBR"
+            else:
+                text, location = "no OBSERVATION group (no OBX)", "OBX"
+            raise ProcessingError(text, SEGMENT_SEQUENCE_ERROR, location, source=self._for_each_source)
         out = []
         for i, group in enumerate(groups, 1):
             try:
-                out.append(self._build(Scope(group, message, whole.text, whole.top_memo)))
+                out.append(self._build(whole.inner(group)))
             except ProcessingError as exc:
                 if len(groups) > 1:
                     exc.text = f"{exc.text} ({self.for_each} group {i})"
@@ -250,5 +256,6 @@ def _examples(doc: YamlDocument, items: list[Any], problems: list[Problem]) -> l
             continue
         error = parsed.error.model_dump(exclude_none=True) if parsed.error is not None else None
         line = position(node, i)[0]
-        out.append(Example(i + 1, line, parsed.message, plain(parsed.expect), error, parsed.description))
+        warnings = [w.model_dump(exclude_none=True) for w in parsed.warnings]
+        out.append(Example(i + 1, line, parsed.message, plain(parsed.expect), error, parsed.description, warnings))
     return out

@@ -27,7 +27,9 @@ class RulePlan:
 
     `get` always gives the value before formats and tables. When it is nothing but plain reads,
     `reads` lists them (first non-empty text wins) or `component_reads` does (first field with a
-    non-empty component, as a Parts): the code generator then inlines the read.
+    non-empty component, as a Parts): the code generator then inlines the read. A value that
+    fails a format or table goes to `recover_closure(plan)` (rules.py): the next field of `chain`,
+    then `on_invalid`.
     """
 
     rule: RuleContext  # target, source line, paths, settings, format options
@@ -39,6 +41,8 @@ class RulePlan:
     default: Evaluator | None = None  # a literal, a template or a fallback rule's closure
     required: bool = False
     when: Callable[[Any], bool] | None = None
+    on_invalid: str = "reject"  # drop | reject: a value that fails its format or table
+    chain: tuple[tuple[str, Evaluator], ...] = ()  # each `from:` path alone: the fallback on garbage
 
     @property
     def plain_copy(self) -> bool:

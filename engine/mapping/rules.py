@@ -7,16 +7,19 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
-from engine.errors import REQUIRED_FIELD_MISSING, TABLE_VALUE_NOT_FOUND, ProcessingError
+from engine.errors import REQUIRED_FIELD_MISSING, TABLE_VALUE_NOT_FOUND, ProcessingError, ProcessingWarning
 from engine.mapping import paths as hp
 from engine.mapping.conditions import ConditionError, parse_condition
 from engine.mapping.context import (
     CONTAINERS,
     FALSY_EMPTY,
     OMIT,
+    ON_INVALID,
     CompileContext,
     Evaluator,
+    InvalidValue,
     RuleContext,
+    add_warning,
     is_empty,
     location_for,
     position,
@@ -27,7 +30,18 @@ from engine.mapping.reading import Read, first_text, getter, read_of
 from engine.mapping.tables import ON_MISSING, CodeTable, TableError, inline_table, load_csv_table
 from engine.mapping.templates import TemplateError, compile_template, literal_text, template_paths
 
-BASE_RULE_KEYS = ("from", "value", "default", "required", "map", "table", "on_missing", "format", "when")
+BASE_RULE_KEYS = (
+    "from",
+    "value",
+    "default",
+    "required",
+    "map",
+    "table",
+    "on_missing",
+    "on_invalid",
+    "format",
+    "when",
+)
 
 _MISSING: Any = object()
 
@@ -85,8 +99,13 @@ def compile_when(node: dict, kp: str, ctx: CompileContext) -> Any:
         return None
 
 
-def compile_rule(node: dict, parent: Any, key: Any, kp: str, ctx: CompileContext) -> RulePlan | None:
-    """One rule -> its plan (see rule_closure for the closure). Returns None (and records problems) if bad."""
+def compile_rule(
+    node: dict, parent: Any, key: Any, kp: str, ctx: CompileContext, *, on_invalid: str | None = None
+) -> RulePlan | None:
+    """One rule -> its plan (see rule_closure for the closure). Returns None (and records problems) if bad.
+
+    `on_invalid` is the target's when this is its `default:` rule (a fallback speaks for its target).
+    """
     bad = len(ctx.problems)
     line, _ = position(parent, key)
     source = f"{ctx.display}:{line}"
@@ -127,6 +146,7 @@ def compile_rule(node: dict, parent: Any, key: Any, kp: str, ctx: CompileContext
 
     # where the value comes from
     get: Evaluator | None = None
+    chain: tuple[tuple[str, Evaluator], ...] = ()
     reads: tuple[Read, ...] = ()
     component_reads: tuple[Read, ...] = ()
     path_texts: list[str] = []
@@ -146,7 +166,8 @@ def compile_rule(node: dict, parent: Any, key: Any, kp: str, ctx: CompileContext
         if texts is None:
             ctx.problem(node, "from", f"{kp}.from", "from must be an HL7 path or a list of paths")
         else:
-            get, reads, path_texts = _compile_from(texts, node, kp, ctx, wants_components)
+            get, reads, chain = _compile_from(texts, node, kp, ctx, wants_components)
+            path_texts = texts
             if wants_components:
                 reads, component_reads = (), reads
     elif "value" in node:
@@ -166,21 +187,26 @@ def compile_rule(node: dict, parent: Any, key: Any, kp: str, ctx: CompileContext
     elif "default" not in node:
         ctx.problem(parent, key, kp, "a rule needs from:, value: or default:")
 
+    required = node.get("required", False)
+    if not isinstance(required, bool):
+        ctx.problem(node, "required", f"{kp}.required", "required must be true or false")
+        required = False
+
+    policy = node.get("on_invalid", on_invalid or ("reject" if required else "drop"))
+    if policy not in ON_INVALID:
+        ctx.problem(node, "on_invalid", f"{kp}.on_invalid", f"on_invalid must be one of {', '.join(ON_INVALID)}")
+        policy = "reject"
+
     default: Evaluator | None = None
     if "default" in node:
         d = node["default"]
         if is_rule(d):  # a fallback rule: its own from/map/default
-            fallback = compile_rule(d, node, "default", f"{kp}.default", ctx)
+            fallback = compile_rule(d, node, "default", f"{kp}.default", ctx, on_invalid=policy)
             default = rule_closure(fallback) if fallback is not None else None
         elif isinstance(d, dict | list):
             ctx.problem(node, "default", f"{kp}.default", "default must be a literal, a template or a rule")
         else:
             default = compile_literal(d, node, "default", f"{kp}.default", ctx)
-
-    required = node.get("required", False)
-    if not isinstance(required, bool):
-        ctx.problem(node, "required", f"{kp}.required", "required must be true or false")
-        required = False
 
     tables = _compile_tables(node, kp, ctx)
     on_missing = node.get("on_missing")
@@ -221,13 +247,14 @@ def compile_rule(node: dict, parent: Any, key: Any, kp: str, ctx: CompileContext
         get = lambda scope: ""  # noqa: E731 - only default: given
     rc = RuleContext(target, source, path_texts, ctx.settings, options)
     steps = tuple(TableStep(t, on_missing or ("default" if t.has_default else "error")) for t in tables)
-    return RulePlan(rc, get, reads, component_reads, tuple(formats), steps, default, required, when)
+    return RulePlan(rc, get, reads, component_reads, tuple(formats), steps, default, required, when, policy, chain)
 
 
 def _compile_from(
     texts: list[str], node: Any, kp: str, ctx: CompileContext, components: bool
-) -> tuple[Evaluator | None, tuple[Read, ...], list[str]]:
-    """The getter of `from:`, and its reads when it is nothing but reads of single fields."""
+) -> tuple[Evaluator | None, tuple[Read, ...], tuple[tuple[str, Evaluator], ...]]:
+    """The getter of `from:`, its reads when it is nothing but reads of single fields, and the
+    getter of each path (the chain)."""
     getters: list[Evaluator] = []
     reads: list[Read] = []
     for t in texts:
@@ -244,12 +271,13 @@ def _compile_from(
         if not many:
             reads.append(read)
     if len(getters) != len(texts):
-        return None, (), texts
+        return None, (), ()
     plain = tuple(reads) if len(reads) == len(texts) else ()
+    chain = tuple(zip(texts, getters, strict=True))
     if len(getters) == 1:
-        return getters[0], plain, texts
+        return getters[0], plain, chain
     if not components and plain:
-        return first_text(plain), plain, texts
+        return first_text(plain), plain, chain
     getters_t = tuple(getters)
 
     def first(scope: Any) -> Any:
@@ -260,7 +288,7 @@ def _compile_from(
                 return v
         return v
 
-    return first, plain, texts
+    return first, plain, chain
 
 
 def _compile_tables(node: Any, kp: str, ctx: CompileContext) -> list[CodeTable]:
@@ -336,19 +364,101 @@ def format_closure(plan: RulePlan) -> Callable[[Any, Any], Any]:
     funcs = tuple((f.func, f.whole) for f in plan.formats)
 
     def fmt(v: Any, scope: Any) -> Any:
-        try:
-            for func, whole in funcs:
-                if v.__class__ is list and not whole:
-                    v = [func(x, rc, scope) for x in v]
-                else:
-                    v = func(v, rc, scope)
-        except ProcessingError as exc:
-            if not exc.location:
-                exc.location = value_location(rc, scope)
-            raise
+        for func, whole in funcs:
+            if v.__class__ is list and not whole:
+                v = [func(x, rc, scope) for x in v]
+            else:
+                v = func(v, rc, scope)
         return v
 
     return fmt
+
+
+def transform_closure(plan: RulePlan) -> Callable[[Any, Any], Any]:
+    """Formats, then tables: what the rule does to a value it read (raises on a bad one)."""
+    fmt = format_closure(plan) if plan.formats else None
+    lookups = tuple(table_lookup(plan.rule, step) for step in plan.tables)
+
+    def transform(v: Any, scope: Any) -> Any:
+        if fmt is not None:
+            v = fmt(v, scope)
+        for lookup in lookups:
+            if _empty(v):
+                break
+            v = [lookup(x, scope) for x in v] if v.__class__ is list else lookup(v, scope)
+        return v
+
+    return transform
+
+
+def recover_closure(plan: RulePlan) -> Callable[[ProcessingError, Any], Any]:
+    """What a rule does when its format or table raised (never on the good path).
+
+    An InvalidValue from the first field of a `from:` chain: the next non-empty field is tried
+    (the bad one gets a warning). When none is valid, `on_invalid: reject` refuses with the first
+    error; `drop` warns and carries on as if the field were empty (so `default:`, a derived study
+    UID or `required:` still apply). Items of a [*] list are dropped one by one. Any other error
+    gets its location and propagates.
+    """
+    rc, chain, drop = plan.rule, plan.chain, plan.on_invalid == "drop"
+    transform = transform_closure(plan)
+    get = plan.get
+
+    def warning(exc: InvalidValue, action: str) -> ProcessingWarning:
+        return ProcessingWarning(f"{exc.reason}; {action}", exc.code, exc.location, rc.source, rc.target)
+
+    def recover(exc: ProcessingError, scope: Any) -> Any:
+        if not isinstance(exc, InvalidValue):
+            if not exc.location:
+                exc.location = value_location(rc, scope)
+            raise exc
+        start, value = 0, get(scope)
+        for i, (text, g) in enumerate(chain):
+            v = g(scope)
+            if not is_empty(v):
+                start, value = i, v
+                if not exc.location:
+                    exc.location = text
+                break
+        if not exc.location:
+            exc.location = value_location(rc, scope)
+        if value.__class__ is list:
+            return _each(value, exc, scope)
+        bad = [exc]
+        for text, g in chain[start + 1 :]:
+            v = g(scope)
+            if is_empty(v):
+                continue
+            try:
+                v = transform(v, scope)
+            except InvalidValue as again:
+                again.location = again.location or text
+                bad.append(again)
+                continue
+            for e in bad:
+                add_warning(scope, warning(e, f"{text} used instead"))
+            return v
+        if not drop:
+            raise exc
+        for e in bad:
+            add_warning(scope, warning(e, "value dropped"))
+        return transform("", scope)  # as if the field were empty
+
+    def _each(items: list[Any], exc: InvalidValue, scope: Any) -> Any:
+        if not drop:
+            raise exc
+        kept = []
+        for x in items:
+            try:
+                transform(x, scope)
+            except InvalidValue as e:
+                e.location = e.location or exc.location
+                add_warning(scope, warning(e, "repetition dropped"))
+                continue
+            kept.append(x)
+        return transform(kept, scope)
+
+    return recover
 
 
 def rule_closure(plan: RulePlan) -> Evaluator:
@@ -359,20 +469,19 @@ def rule_closure(plan: RulePlan) -> Evaluator:
         return get
     single = plan.single_format
     on_empty = empty_closure(plan) if plan.has_fallback else None
-    fmt = format_closure(plan) if plan.formats else None
+    recover = recover_closure(plan)
     if plan.when is None and not plan.tables and plan.default is None:
-        if single is not None and fmt is not None and not plan.required:
+        if single is not None and not plan.required:
+            fmt = format_closure(plan)
 
             def formatted(scope: Any) -> Any:
                 v = get(scope)
-                if v.__class__ is list:
-                    return fmt(v, scope)
                 try:
+                    if v.__class__ is list:
+                        return fmt(v, scope)
                     return single(v, rc, scope)
                 except ProcessingError as exc:
-                    if not exc.location:
-                        exc.location = value_location(rc, scope)
-                    raise
+                    return recover(exc, scope)
 
             return formatted
         if not plan.formats and on_empty is not None:
@@ -385,19 +494,18 @@ def rule_closure(plan: RulePlan) -> Evaluator:
 
             return required_copy
 
-    lookups = tuple(table_lookup(rc, step) for step in plan.tables)
+    transform = transform_closure(plan) if plan.formats or plan.tables else None
     when = plan.when
 
     def rule(scope: Any) -> Any:
         if when is not None and not when(scope):
             return OMIT
         v = get(scope)
-        if fmt is not None:
-            v = fmt(v, scope)
-        for lookup in lookups:
-            if _empty(v):
-                break
-            v = [lookup(x, scope) for x in v] if v.__class__ is list else lookup(v, scope)
+        if transform is not None:
+            try:
+                v = transform(v, scope)
+            except ProcessingError as exc:
+                v = recover(exc, scope)
         if on_empty is not None and _empty(v):
             v = on_empty(scope)
         return v
@@ -432,6 +540,6 @@ def table_lookup(rc: RuleContext, step: TableStep) -> Callable[[Any, Any], Any]:
             return v
         if on_missing == "default":
             return default
-        rc.fail(TABLE_VALUE_NOT_FOUND, f"code not in table {table.name}", location=value_location(rc, scope))
+        rc.invalid(TABLE_VALUE_NOT_FOUND, f"code not in table {table.name}")
 
     return lookup

@@ -66,10 +66,18 @@ class ExpectedError(_Strict):
     text: StrictStr | None = None
 
 
+class ExpectedWarning(_Strict):
+    code: int | None = None
+    location: StrictStr | None = None
+    target: StrictStr | None = None
+    text: StrictStr | None = None
+
+
 class ExampleModel(_Strict):
     message: StrictStr = Field(min_length=1)  # inline ER7 or a file like samples/hl7/x.hl7
     expect: Any = None
     error: ExpectedError | None = None
+    warnings: list[ExpectedWarning] = []  # each must be among the warnings the mapping gives
     description: StrictStr = ""
 
     @model_validator(mode="after")
