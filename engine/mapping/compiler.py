@@ -20,19 +20,11 @@ from typing import Any
 
 from engine.configfile import Problem
 from engine.errors import ProcessingError
+from engine.mapping.closures import empty_closure, recover_closure, rule_closure, table_lookup
 from engine.mapping.context import CONTAINERS, FALSY_EMPTY, OMIT, CompileContext, Evaluator, is_empty, position
 from engine.mapping.plan import RulePlan
 from engine.mapping.reading import Read, Scope, parts
-from engine.mapping.rules import (
-    compile_literal,
-    compile_rule,
-    compile_when,
-    empty_closure,
-    is_rule,
-    recover_closure,
-    rule_closure,
-    table_lookup,
-)
+from engine.mapping.rules import compile_literal, compile_rule, compile_when, is_rule
 
 __all__ = ["compile_fields"]
 

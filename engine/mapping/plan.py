@@ -1,4 +1,4 @@
-"""What one compiled rule does, as data: the closure builder (rules.py) and the code generator
+"""What one compiled rule does, as data: the closure builder (closures.py) and the code generator
 (compiler.py) both read it, so neither has to guess the other's shortcuts."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class RulePlan:
     `get` always gives the value before formats and tables. When it is nothing but plain reads,
     `reads` lists them (first non-empty text wins) or `component_reads` does (first field with a
     non-empty component, as a Parts): the code generator then inlines the read. A value that
-    fails a format or table goes to `recover_closure(plan)` (rules.py): the next field of `chain`,
+    fails a format or table goes to `recover_closure(plan)` (closures.py): the next field of `chain`,
     then `on_invalid`.
     """
 
