@@ -6,9 +6,11 @@ Every target in `fields:` is one of:
 - a list whose items are nested mappings or rules                      -> a list (a DICOM sequence);
   rule items that come out empty are dropped, list results are spliced in
 - a scalar                                                             -> that literal (or template)
-Problems are collected with file, line and key (never stop at the first one). At run time the
-closures do only what the rule needs; anything wrong raises ProcessingError naming the HL7
-path (location) and the rule's line (source).
+Problems are collected with file, line and key (never stop at the first one). A rule compiles to
+a RulePlan (engine/mapping/plan.py); each object of targets becomes one generated function that
+inlines the plain shapes of those plans and calls `rule_closure(plan)` for the rest. At run time
+the code does only what the rule needs; anything wrong raises ProcessingError naming the HL7 path
+(location) and the rule's line (source).
 """
 
 from __future__ import annotations
@@ -18,45 +20,13 @@ from typing import Any
 
 from engine.configfile import Problem
 from engine.errors import ProcessingError
-from engine.mapping.context import (
-    CONTAINERS,
-    FALSY_EMPTY,
-    OMIT,
-    CompileContext,
-    Evaluator,
-    RuleContext,
-    Settings,
-    is_empty,
-    location_for,
-    position,
-)
-from engine.mapping.reading import MESSAGE_LEVEL, Parts, Scope, _parts
-from engine.mapping.rules import (
-    BASE_RULE_KEYS,
-    _value_location,
-    compile_literal,
-    compile_rule,
-    compile_when,
-    is_rule,
-)
+from engine.mapping.closures import empty_closure, recover_closure, rule_closure, table_lookup
+from engine.mapping.context import CONTAINERS, FALSY_EMPTY, OMIT, CompileContext, Evaluator, is_empty, position
+from engine.mapping.plan import RulePlan
+from engine.mapping.reading import Read, Scope, parts
+from engine.mapping.rules import compile_literal, compile_rule, compile_when, is_rule
 
-__all__ = [
-    "BASE_RULE_KEYS",
-    "MESSAGE_LEVEL",
-    "OMIT",
-    "CompileContext",
-    "Evaluator",
-    "Parts",
-    "RuleContext",
-    "Scope",
-    "Settings",
-    "compile_fields",
-    "compile_rule",
-    "is_empty",
-    "is_rule",
-    "location_for",
-    "position",
-]
+__all__ = ["compile_fields"]
 
 
 def compile_fields(node: Any, ctx: CompileContext) -> Evaluator:
@@ -71,7 +41,7 @@ def compile_fields(node: Any, ctx: CompileContext) -> Evaluator:
 
 
 def _compile_object(node: dict, keypath: str, ctx: CompileContext, *, dicom: bool) -> Evaluator:
-    items: list[tuple[str, Evaluator]] = []
+    items: list[tuple[str, RulePlan | Evaluator]] = []
     for key, value in node.items():
         kp = f"{keypath}.{key}"
         if not isinstance(key, str) or not key:
@@ -86,83 +56,86 @@ def _compile_object(node: dict, keypath: str, ctx: CompileContext, *, dicom: boo
     return _generate_object(items, keep_empty=ctx.settings.keep_empty)
 
 
-def _read_lines(plain: tuple, ns: dict[str, Any], tag: str) -> list[str]:
-    """Code that sets v to the first non-empty of plain reads ((marker, top, path), ...)."""
+def _read_lines(reads: tuple[Read, ...], ns: dict[str, Any], tag: str) -> list[str]:
+    """Code that sets v to the first non-empty of plain reads."""
     lines = ["v = ''"]
-    for j, (marker, top, path) in enumerate(plain):
+    for j, r in enumerate(reads):
         p = f"P{tag}_{j}"
-        ns[p] = path
+        ns[p] = r.path
         cond = [] if j == 0 else ["not v"]
-        if marker:
+        if r.marker:
             m = f"M{tag}_{j}"
-            ns[m] = marker
+            ns[m] = r.marker
             cond.append(f"{m} in text")  # the message has no such segment: skip the read
-        read = f"v = {'mget' if top else 'vget'}({p})"
+        read = f"v = {'mget' if r.top else 'vget'}({p})"
         lines.append(f"if {' and '.join(cond)}: {read}" if cond else read)
     return lines
 
 
-def _components_lines(specs: tuple, ns: dict[str, Any], tag: str) -> list[str]:
+def _components_lines(reads: tuple[Read, ...], ns: dict[str, Any], tag: str) -> list[str]:
     """Code that sets v to the first non-empty components (a Parts, else "") of several fields."""
     lines = ["v = ''"]
-    for j, (marker, top, path, text) in enumerate(specs):
+    for j, r in enumerate(reads):
         p, t = f"P{tag}_{j}", f"T{tag}_{j}"
-        ns[p], ns[t] = path, text
-        view = "mview" if top else "gview"
+        ns[p], ns[t] = r.path, r.text
+        view = "mview" if r.top else "gview"
         cond = [] if j == 0 else ["not v"]  # "" or a Parts with a non-empty component
-        if marker:
-            ns[f"M{tag}_{j}"] = marker
+        if r.marker:
+            ns[f"M{tag}_{j}"] = r.marker
             cond.append(f"M{tag}_{j} in text")
         read = f"v = parts({view}.components({p}), {view}, {t})"
         lines.append(f"if {' and '.join(cond)}: {read}" if cond else read)
     return lines
 
 
-def _value_lines(ev: Evaluator, ns: dict[str, Any], tag: str) -> tuple[list[str], bool]:
-    """Code that sets v to what ev(scope) gives; True when v is then surely a str (never OMIT/None)."""
-    plain = getattr(ev, "plain", None)
-    required = getattr(ev, "plain_required", None)
-    if plain is not None or required is not None:
-        lines = _read_lines(plain or required, ns, tag)
-        if required is not None:  # default/required act on an empty read only
-            ns[f"E{tag}"] = ev
-            lines.append(f"if not v: v = E{tag}(scope)")
-            return lines, False
-        return lines, True
-    lookup = getattr(ev, "plain_lookup", None)
-    if lookup is not None:  # one table, nothing else: an empty read stays empty
-        lplain, func = lookup
-        ns[f"L{tag}"] = func
-        return [*_read_lines(lplain, ns, tag), f"if v: v = L{tag}(v, scope)"], False
-    fmt = getattr(ev, "plain_format", None)
-    cfmt = getattr(ev, "components_format", None)
-    fallback = getattr(ev, "plain_format_fallback", None)
-    if fallback is not None:
-        fmt = fallback
-    if fmt is None and cfmt is None:
-        ns[f"E{tag}"] = ev
+EMPTY_TEST = "(not v and v.__class__ in FALSY_EMPTY) or (v.__class__ in CONTAINERS and is_empty(v))"
+
+
+def _value_lines(target: RulePlan | Evaluator, ns: dict[str, Any], tag: str) -> tuple[list[str], bool]:
+    """Code that sets v to the target's value; True when v is then surely a str (never OMIT/None).
+
+    A rule whose plan is a plain read (alone, then default/required, one table or one format)
+    is inlined; anything else calls its closure.
+    """
+    if not isinstance(target, RulePlan):
+        ns[f"E{tag}"] = target
         return [f"v = E{tag}(scope)"], False
-    if fmt is not None:
-        specs, func, rc = fmt
-        lines = _read_lines(specs, ns, tag)
-    else:
-        specs, func, rc = cfmt
-        lines = _components_lines(specs, ns, tag)
-    ns[f"F{tag}"], ns[f"RC{tag}"] = func, rc
+    plan = target
+    single = plan.single_format
+    inline = plan.when is None and not (plan.formats and single is None) and len(plan.tables) <= 1
+    if plan.tables and (plan.formats or plan.has_fallback):
+        inline = False
+    if not plan.reads and not (plan.component_reads and single is not None):
+        inline = False
+    if not inline:
+        ns[f"E{tag}"] = rule_closure(plan)
+        return [f"v = E{tag}(scope)"], False
+    if plan.tables:  # one table, nothing else: an empty read stays empty
+        ns[f"L{tag}"], ns[f"R{tag}"] = table_lookup(plan.rule, plan.tables[0]), recover_closure(plan)
+        lines = _read_lines(plan.reads, ns, tag)
+        lines += [
+            "if v:",
+            f"    try: v = L{tag}(v, scope)",
+            f"    except ProcessingError as exc: v = R{tag}(exc, scope)",  # next field of the chain, or on_invalid
+        ]
+        return lines, False
+    if single is None:  # a copy, then default/required when it came back empty
+        lines = _read_lines(plan.reads, ns, tag)
+        if not plan.has_fallback:
+            return lines, True
+        ns[f"FIN{tag}"] = empty_closure(plan)
+        return [*lines, f"if not v: v = FIN{tag}(scope)"], False
+    lines = _read_lines(plan.reads, ns, tag) if plan.reads else _components_lines(plan.component_reads, ns, tag)
+    ns[f"F{tag}"], ns[f"RC{tag}"], ns[f"R{tag}"] = single, plan.rule, recover_closure(plan)
     lines += [
         "try:",
         f"    v = F{tag}(v, RC{tag}, scope)",
         "except ProcessingError as exc:",
-        "    if not exc.location:",
-        f"        exc.location = value_location(RC{tag}, scope)",
-        "    raise",
+        f"    v = R{tag}(exc, scope)",  # the next field of the chain, or on_invalid
     ]
-    if fallback is not None:  # default:/required: act on an empty result only
-        ns[f"E{tag}"] = ev
-        lines.append(
-            "if (not v and v.__class__ in FALSY_EMPTY) or (v.__class__ in CONTAINERS and is_empty(v)):"
-            f" v = E{tag}(scope)"
-        )
+    if plan.has_fallback:  # default:/required: act on an empty result only
+        ns[f"FIN{tag}"] = empty_closure(plan)
+        lines.append(f"if {EMPTY_TEST}: v = FIN{tag}(scope)")
     return lines, False
 
 
@@ -173,8 +146,7 @@ def _namespace() -> dict[str, Any]:
         "CONTAINERS": CONTAINERS,
         "is_empty": is_empty,
         "ProcessingError": ProcessingError,
-        "value_location": _value_location,
-        "parts": _parts,
+        "parts": parts,
     }
 
 
@@ -192,7 +164,7 @@ def _define(body: list[str], ns: dict[str, Any], what: str) -> Evaluator:
     return ns["build"]
 
 
-def _generate_object(items: list[tuple[str, Evaluator]], *, keep_empty: bool) -> Evaluator:
+def _generate_object(items: list[tuple[str, RulePlan | Evaluator]], *, keep_empty: bool) -> Evaluator:
     """One function for one object of targets, generated once: plain reads (alone, with a
     required check or default, a table or a single format) are inlined, every other target calls
     its closure. It does what `for key, ev in items: v = ev(scope); ...` did, minus a few calls
@@ -216,11 +188,11 @@ def _generate_object(items: list[tuple[str, Evaluator]], *, keep_empty: bool) ->
     return _define([*body, "    return out"], ns, "object")
 
 
-def _generate_list(parts: list[tuple[bool, Evaluator]]) -> Evaluator:
+def _generate_list(items: list[tuple[bool, RulePlan | Evaluator]]) -> Evaluator:
     """A list's items, generated like an object's targets (empty rule results dropped, lists spliced)."""
     ns = _namespace()
     body = ["    out = []"]
-    for n, (is_object, ev) in enumerate(parts):
+    for n, (is_object, ev) in enumerate(items):
         if is_object:
             ns[f"E{n}"] = ev
             body.append(f"    out.append(E{n}(scope))")
@@ -237,7 +209,7 @@ def _generate_list(parts: list[tuple[bool, Evaluator]]) -> Evaluator:
 
 def _compile_target(
     parent: Any, key: Any, value: Any, kp: str, ctx: CompileContext, *, dicom: bool
-) -> Evaluator | None:
+) -> RulePlan | Evaluator | None:
     if is_rule(value):
         return compile_rule(value, parent, key, kp, ctx)
     if isinstance(value, dict):
@@ -251,26 +223,26 @@ def _compile_target(
 
 
 def _compile_list(node: list, kp: str, ctx: CompileContext, *, dicom: bool) -> Evaluator:
-    parts: list[tuple[bool, Evaluator]] = []  # (is_object, evaluator)
+    items: list[tuple[bool, RulePlan | Evaluator]] = []  # (is_object, plan or evaluator)
     for i, item in enumerate(node):
         ikp = f"{kp}[{i}]"
         if isinstance(item, dict) and "for_each" in item:
             ev = _compile_repeat(item, node, i, ikp, ctx, dicom=dicom)
             if ev is not None:
-                parts.append((False, ev))
+                items.append((False, ev))
         elif is_rule(item):
-            ev = compile_rule(item, node, i, ikp, ctx)
-            if ev is not None:
-                parts.append((False, ev))
+            plan = compile_rule(item, node, i, ikp, ctx)
+            if plan is not None:
+                items.append((False, plan))
         elif isinstance(item, dict):
-            parts.append((True, _compile_object(item, ikp, ctx, dicom=dicom)))
+            items.append((True, _compile_object(item, ikp, ctx, dicom=dicom)))
         elif isinstance(item, list):
             ctx.problem(node, i, ikp, "a list inside a list is not supported")
         else:
             ev = compile_literal(item, node, i, ikp, ctx)
             if ev is not None:
-                parts.append((False, ev))
-    return _generate_list(parts)
+                items.append((False, ev))
+    return _generate_list(items)
 
 
 def _compile_repeat(item: dict, parent: list, i: int, kp: str, ctx: CompileContext, *, dicom: bool) -> Evaluator | None:
@@ -294,7 +266,7 @@ def _compile_repeat(item: dict, parent: list, i: int, kp: str, ctx: CompileConte
     def repeat(scope: Scope) -> list[Any]:
         out = []
         for group in scope.view.groups(kind):
-            inner = Scope(group, scope.msg, scope.text, scope.top_memo)
+            inner = scope.inner(group)
             if when is None or when(inner):
                 out.append(build(inner))
         return out

@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 from zoneinfo import ZoneInfo
 
 from engine.configfile import Problem
-from engine.errors import ProcessingError
+from engine.errors import ProcessingError, ProcessingWarning
 from engine.mapping import paths as hp
 from engine.mapping.formats import FORMATS, FormatRegistry
 from engine.mapping.tables import CodeTable
@@ -59,6 +59,27 @@ def location_for(path_texts: list[str], scope: Any) -> str:
     return path_texts[0] if path_texts else ""
 
 
+ON_INVALID = ("drop", "reject")
+
+
+class InvalidValue(ProcessingError):
+    """A value that fails its format or table: the rule's `on_invalid` decides (drop or reject).
+
+    `reason` is the text without the target name, for the warning.
+    """
+
+    def __init__(self, reason: str, code: int, target: str, source: str, location: str = "") -> None:
+        super().__init__(f"{target}: {reason}", code, location, source=source)
+        self.reason = reason
+
+
+def add_warning(scope: Any, warning: ProcessingWarning) -> None:
+    """Record a warning for this run (once: a message-level rule runs again in every group)."""
+    found = scope.warnings
+    if found is not None and warning not in found:
+        found.append(warning)
+
+
 class RuleContext:
     """What a format knows about the rule it runs in (static; shared by every message)."""
 
@@ -74,7 +95,31 @@ class RuleContext:
         self.options = options
 
     def fail(self, code: int, text: str, *, location: str = "") -> NoReturn:
+        """Refuse the message whatever the rule's on_invalid says (e.g. a value that cannot be derived)."""
         raise ProcessingError(f"{self.target}: {text}", code, location, source=self.source)
+
+    def invalid(self, code: int, text: str, *, location: str = "") -> NoReturn:
+        """The value is not valid (102 data type, 103 table): dropped with a warning or refused, as
+        the rule's on_invalid says; a `from:` chain tries its next field first."""
+        raise InvalidValue(text, code, self.target, self.source, location)
+
+    def warn(self, scope: Any, code: int, text: str, value: Any = None) -> None:
+        """The value was used, but not as sent (e.g. an ISO 8601 time where HL7 wants a DTM)."""
+        add_warning(scope, ProcessingWarning(text, code, self.location_of(value, scope), self.source, self.target))
+
+    def location_of(self, value: Any, scope: Any) -> str:
+        """The path this value was read from (the first one that holds it), for a warning."""
+        where = getattr(value, "text", None)  # a Parts knows its field
+        if isinstance(where, str):
+            return where
+        for text in self.paths:
+            try:
+                got = scope.get(hp.compile_path(text))
+            except Exception:  # noqa: BLE001 - a location is best effort
+                break
+            if got and (value is None or got == value):
+                return text
+        return location_for(self.paths, scope)
 
     def option_value(self, name: str, scope: Any) -> str:
         for _text, path in self.options.get(name, ()):
@@ -106,7 +151,7 @@ def position(node: Any, key: Any) -> tuple[int, int]:
     """1-based line and column of `key` in a ruamel mapping (or item `key` of a sequence)."""
     try:
         if isinstance(key, int) and isinstance(node, list):
-            ln, cl = node.lc.item(key)
+            ln, cl = node.lc.item(key)  # type: ignore[attr-defined]  # a ruamel CommentedSeq
         elif key is None:
             ln, cl = node.lc.line, node.lc.col
         else:

@@ -5,7 +5,9 @@ An example is `{message, expect}` or `{message, error}`:
   mapping, then in the repository above it, then in the working directory;
 - expect: a list checks every output in order (same count); a dict checks the first output.
   Both are subsets: keys not written are not checked. Unquoted numbers match digit strings;
-- error: the mapping must refuse the message with these fields (code, location, text contained).
+- error: the mapping must refuse the message with these fields (code, location, text contained);
+- warnings: each listed warning ({code, location, target, text contained}) must be among those the
+  mapping gave (dropped or cut optional values); the message still maps.
 """
 
 from __future__ import annotations
@@ -13,8 +15,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ProcessingError
+from engine.errors import ProcessingError, ProcessingWarning
 from engine.mapping.loader import Example, Mapping
+
+
+def map_message(mapping: Mapping, message: Any) -> tuple[list[Any], list[ProcessingWarning]]:
+    """The outputs and the warnings of one message (what `engine map` shows)."""
+    warnings: list[ProcessingWarning] = []
+    return mapping.run(message, warnings), warnings
 
 
 def example_message(mapping: Mapping, example: Example) -> Any:
@@ -50,7 +58,7 @@ def check_examples(mapping: Mapping) -> list[str]:
             failures.append(f"{where}: cannot read the message: {exc}")
             continue
         try:
-            outputs = mapping.run(msg)
+            outputs, warnings = map_message(mapping, msg)
         except ProcessingError as exc:
             if ex.error is None:
                 failures.append(f"{where}: mapping refused the message: {exc} (code {exc.code})")
@@ -61,7 +69,24 @@ def check_examples(mapping: Mapping) -> list[str]:
             failures.append(f"{where}: expected a refusal ({ex.error}), got {len(outputs)} output(s)")
             continue
         failures.extend(f"{where}: {d}" for d in expect_diffs(ex.expect, outputs))
+        failures.extend(f"{where}: {d}" for d in _warning_diffs(ex.warnings, warnings))
     return failures
+
+
+def _warning_diffs(expected: list[dict[str, Any]], got: list[ProcessingWarning]) -> list[str]:
+    out = []
+    for want in expected:
+        if not any(_warning_matches(want, w) for w in got):
+            seen = "; ".join(f"{w.code} at {w.location} ({w.target})" for w in got) or "none"
+            out.append(f"expected a warning {want}, got {seen}")
+    return out
+
+
+def _warning_matches(want: dict[str, Any], w: ProcessingWarning) -> bool:
+    for key in ("code", "location", "target"):
+        if key in want and str(want[key]) != str(getattr(w, key)):
+            return False
+    return "text" not in want or str(want["text"]) in w.text
 
 
 def _error_diffs(expected: dict[str, Any], exc: ProcessingError) -> list[str]:

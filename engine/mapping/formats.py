@@ -2,8 +2,11 @@
 
 A new format is one function registered with `@FORMATS.register("name")`: the compiler looks
 names up here at load time, so a typo is a config error, not a message failure. A format gets the
-value and the rule it belongs to (settings, location, options); it returns the converted value,
-or raises `ProcessingError` through `rule.fail(...)` so the sender learns which field was wrong.
+value and the rule it belongs to (settings, location, options); it returns the converted value.
+A value it cannot convert is `rule.invalid(code, text)`: the rule's `on_invalid` drops it with a
+warning or refuses the message, after a `from:` chain tried its next field. `rule.fail(...)`
+refuses whatever the rule says (nothing to derive a value from), and `rule.warn(...)` keeps a
+value that was read although it was not sent as HL7 says.
 
 `components=True` formats receive the decoded components of the addressed field (a `Parts`
 tuple; `.sub(i)` gives the decoded subcomponents of component i) instead of its text, so escape
@@ -208,37 +211,71 @@ def convert_dtm(kind: str, text: str, tz: tzinfo | None) -> str:
     return out + _offset(d, tz).replace("+00:00", "Z")
 
 
-def _date(kind: str, value: Any, rule: RuleContext) -> str:
+_ISO = re.compile(
+    r"^(?P<Y>\d{4})-(?P<m>\d{2})(?:-(?P<d>\d{2})(?:[T ](?P<H>\d{2}):(?P<M>\d{2})"
+    r"(?::(?P<S>\d{2})(?:[.,](?P<f>\d{1,9}))?)?)?)?\s*(?P<z>Z|[+-]\d{2}(?::?\d{2})?)?$"
+)
+
+
+@lru_cache(maxsize=1024)
+def iso_to_dtm(text: str) -> str | None:
+    """`2026-11-25T08:30:00+01:00` / `2026-11-25 08:30` -> the HL7 DTM it stands for (None: not ISO 8601).
+
+    Fractions are cut to the four digits a DTM carries.
+    """
+    m = _ISO.match(text.strip())
+    if m is None:
+        return None
+    g = m.groupdict()
+    out = "".join(g[k] or "" for k in "YmdHMS")
+    if g["f"] and g["S"]:
+        out += "." + g["f"][:4]
+    z = g["z"]
+    if z and g["H"]:
+        digits = "0000" if z == "Z" else z[1:].replace(":", "").ljust(4, "0")
+        out += ("+" if z == "Z" else z[0]) + digits
+    return out
+
+
+def _date(kind: str, value: Any, rule: RuleContext, scope: Any) -> str:
     if not value:
         return ""
     try:
         return convert_dtm(kind, value, rule.settings.tzinfo)
     except _Invalid as exc:
-        rule.fail(DATA_TYPE_ERROR, str(exc))
+        dtm = iso_to_dtm(value)
+        if dtm is None:
+            rule.invalid(DATA_TYPE_ERROR, str(exc))
+        try:
+            out = convert_dtm(kind, dtm, rule.settings.tzinfo)
+        except _Invalid as again:
+            rule.invalid(DATA_TYPE_ERROR, str(again))
+        rule.warn(scope, DATA_TYPE_ERROR, "ISO 8601 date/time read where HL7 expects a DTM (YYYYMMDDHHMM)", value)
+        return out
 
 
 @FORMATS.register("dtm_to_da")
 def dtm_to_da(value: Any, rule: RuleContext, scope: Any) -> Any:
     """HL7 DTM -> DICOM DA (YYYYMMDD), in settings.timezone when the value has an offset."""
-    return _date("da", value, rule)
+    return _date("da", value, rule, scope)
 
 
 @FORMATS.register("dtm_to_tm")
 def dtm_to_tm(value: Any, rule: RuleContext, scope: Any) -> Any:
     """HL7 DTM -> DICOM TM (HHMMSS[.FFFF]) in settings.timezone; "" when the value has no time."""
-    return _date("tm", value, rule)
+    return _date("tm", value, rule, scope)
 
 
 @FORMATS.register("dtm_to_dt")
 def dtm_to_dt(value: Any, rule: RuleContext, scope: Any) -> Any:
     """HL7 DTM -> DICOM DT (YYYYMMDDHHMMSS[.F]&ZZXX); offset from the value, else settings.timezone."""
-    return _date("dt", value, rule)
+    return _date("dt", value, rule, scope)
 
 
 @FORMATS.register("dtm_to_fhir", needs_settings=("timezone",))
 def dtm_to_fhir(value: Any, rule: RuleContext, scope: Any) -> Any:
     """HL7 DTM -> FHIR date/dateTime, keeping the precision sent; a time always gets an offset."""
-    return _date("fhir", value, rule)
+    return _date("fhir", value, rule, scope)
 
 
 # ---------------------------------------------------------------- names
@@ -311,7 +348,7 @@ def cwe_to_code_item(value: Any, rule: RuleContext, scope: Any) -> Any:
         return None
     code, text, system = parts
     if not code:
-        rule.fail(REQUIRED_FIELD_MISSING, "coded value has text but no code (component 1)")
+        rule.invalid(DATA_TYPE_ERROR, "coded value has text but no code (component 1)")
     return {
         "CodeValue": code,
         "CodingSchemeDesignator": system or rule.settings.coding_scheme,
@@ -384,7 +421,7 @@ def sex_to_dicom(value: Any, rule: RuleContext, scope: Any) -> Any:
         return ""
     code = value.strip().upper()
     if code not in _SEX:
-        rule.fail(TABLE_VALUE_NOT_FOUND, "administrative sex is not in HL7 table 0001 (M F O U A N)")
+        rule.invalid(TABLE_VALUE_NOT_FOUND, "administrative sex is not in HL7 table 0001 (M F O U A N)")
     return _SEX[code]
 
 
@@ -415,7 +452,7 @@ def study_uid(value: Any, rule: RuleContext, scope: Any) -> Any:
     if value:
         uid = value.strip()
         if not valid_uid(uid):
-            rule.fail(DATA_TYPE_ERROR, "not a valid DICOM UID (digits and dots, at most 64 characters)")
+            rule.invalid(DATA_TYPE_ERROR, "not a valid DICOM UID (digits and dots, at most 64 characters)")
         return uid
     policy = rule.settings.study_uid_policy
     if policy == "reject":

@@ -23,26 +23,25 @@ A mapping file (one kind of input -> one kind of output):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-from engine.configfile import ConfigError, Problem
-from engine.errors import SEGMENT_SEQUENCE_ERROR, ProcessingError
+from engine.configfile import ConfigError, Problem, YamlDocument
+from engine.errors import SEGMENT_SEQUENCE_ERROR, ProcessingError, ProcessingWarning
 from engine.mapping import paths as hp
-from engine.mapping.compiler import CompileContext, Evaluator, Scope, Settings, compile_fields, position
+from engine.mapping.compiler import compile_fields
 from engine.mapping.conditions import ConditionError, Predicate, parse_condition
-from engine.mapping.formats import FORMATS, FormatRegistry, valid_uid
-
-TOP_KEYS = ("name", "description", "input", "output", "for_each", "when", "settings", "fields", "examples")
-OUTPUTS = ("dicom", "fhir", "json")
-GROUP_KINDS = ("ORDER", "OBSERVATION")
-POLICIES = ("accession_based", "generate", "reject")
-EXAMPLE_KEYS = ("message", "expect", "error", "description")
+from engine.mapping.context import CompileContext, Evaluator, Settings, position
+from engine.mapping.formats import FORMATS, FormatRegistry
+from engine.mapping.reading import Scope
+from engine.mapping.schema import GROUP_KINDS, OUTPUTS, ExampleModel, MappingFile, SettingsModel, check
 
 
 class MappingConfigError(ConfigError):
@@ -57,6 +56,7 @@ class Example:
     expect: Any = None  # list of outputs, or a dict checked against the first output
     error: dict[str, Any] | None = None  # expected refusal: {code, location, text}
     description: str = ""
+    warnings: list[dict[str, Any]] = field(default_factory=list)  # expected: {code, location, target, text}
 
 
 class Mapping:
@@ -91,27 +91,32 @@ class Mapping:
         self._when = when
         self._for_each_source = f"{display}:{for_each_line}"
 
-    def run(self, message: Any) -> list[dict[str, Any]]:
-        """Map one message: one dict per `for_each` group, or one for the message ([] when `when` is false)."""
-        whole = Scope(message, message)
+    def run(self, message: Any, warnings: list[ProcessingWarning] | None = None) -> list[dict[str, Any]]:
+        """Map one message: one dict per `for_each` group, or one for the message ([] when `when` is false).
+
+        Optional values that were dropped (or read although not sent as HL7 says) are appended
+        to `warnings` as ProcessingWarning; without a list they are not kept.
+        """
+        whole = Scope(message, message, warnings=warnings)
         if self._when is not None and not self._when(whole):
             return []
         if self.for_each is None:
             return [self._build(whole)]
         groups = message.groups(self.for_each)
+        if self.for_each == "ORDER" and "\rOBR" not in whole.text:
+            groups = []  # an ORC alone orders nothing: no procedure to schedule
         if not groups:
             if self.settings.empty_groups == "skip":
                 return []
-            raise ProcessingError(
-                f"message has no {self.for_each} group to map",
-                SEGMENT_SEQUENCE_ERROR,
-                "ORC" if self.for_each == "ORDER" else "OBX",
-                source=self._for_each_source,
-            )
+            if self.for_each == "ORDER":
+                text, location = "no ORDER group (no ORC/OBR)", "OBR"
+            else:
+                text, location = "no OBSERVATION group (no OBX)", "OBX"
+            raise ProcessingError(text, SEGMENT_SEQUENCE_ERROR, location, source=self._for_each_source)
         out = []
         for i, group in enumerate(groups, 1):
             try:
-                out.append(self._build(Scope(group, message, whole.text, whole.top_memo)))
+                out.append(self._build(whole.inner(group)))
             except ProcessingError as exc:
                 if len(groups) > 1:
                     exc.text = f"{exc.text} ({self.for_each} group {i})"
@@ -128,8 +133,18 @@ def display_name(path: Path) -> str:
     return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
 
 
-def load_mapping(path: Path, tables_dir: Path | None = None, *, formats: FormatRegistry | None = None) -> Mapping:
-    """Read, check and compile a mapping file; MappingConfigError lists every problem found."""
+def load_mapping(
+    path: Path,
+    tables_dir: Path | None = None,
+    *,
+    formats: FormatRegistry | None = None,
+    inputs: Collection[str] = ("hl7v2",),
+) -> Mapping:
+    """Read, check and compile a mapping file; MappingConfigError lists every problem found.
+
+    `inputs` are the input kinds the engine has adapters for (the registry's names): a mapping
+    for any other input could never run.
+    """
     path = Path(path)
     display = display_name(path)
     if tables_dir is None:
@@ -148,59 +163,57 @@ def load_mapping(path: Path, tables_dir: Path | None = None, *, formats: FormatR
         raise MappingConfigError([Problem(display, 1, 1, "", f"YAML error: {exc}")]) from None
     if not isinstance(data, dict):
         raise MappingConfigError([Problem(display, 1, 1, "", "a mapping file is a YAML mapping (name:, fields: ...)")])
+    doc = YamlDocument(path, data, display)
 
-    problems: list[Problem] = []
+    header, problems = check(doc, MappingFile)
+    if header is None:  # go on with what can be used, to report the problems further down too
+        header = MappingFile.model_construct(
+            name=None,
+            description="",
+            input="hl7v2",
+            output=data.get("output") if data.get("output") in OUTPUTS else "json",
+            for_each=data.get("for_each") if data.get("for_each") in GROUP_KINDS else None,
+            when=data.get("when") if isinstance(data.get("when"), str) else None,
+            settings=data.get("settings") if isinstance(data.get("settings"), dict) else None,
+            fields=data.get("fields"),
+            examples=data.get("examples") if isinstance(data.get("examples"), list) else [],
+        )
+    given = data.get("input")
+    if isinstance(given, str) and given not in inputs:
+        known = sorted(inputs)
+        near = difflib.get_close_matches(given, known, n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        problems.append(doc.problem(("input",), f"unknown input {given!r}{hint}; known: {', '.join(known) or 'none'}"))
 
-    def bad(key: Any, message: str, node: Any = data, keypath: str | None = None) -> None:
-        line, col = position(node, key)
-        problems.append(Problem(display, line, col, keypath or str(key), message))
-
-    for key in data:
-        if key not in TOP_KEYS:
-            bad(key, f"unknown key (known: {', '.join(TOP_KEYS)})")
-    for key in ("input", "output", "fields"):
-        if key not in data:
-            problems.append(Problem(display, 1, 1, key, "required key is missing"))
-    name = data.get("name", path.stem)
-    if not isinstance(name, str) or not name:
-        bad("name", "name must be text")
-        name = path.stem
-    description = data.get("description") or ""
-    if "input" in data and data["input"] != "hl7v2":
-        bad("input", "input must be hl7v2")
-    output = data.get("output", "json")
-    if "output" in data and output not in OUTPUTS:
-        bad("output", f"output must be one of {', '.join(OUTPUTS)}")
-        output = "json"
-    for_each = data.get("for_each")
-    if for_each is not None and for_each not in GROUP_KINDS:
-        bad("for_each", f"for_each must be one of {', '.join(GROUP_KINDS)}")
-        for_each = None
-
-    settings = _settings(data, output, bad)
+    settings = Settings(keep_empty=header.output != "fhir")
+    if header.settings is not None:
+        parsed, found = check(doc, SettingsModel, ("settings",))
+        problems += found
+        if parsed is not None:
+            settings = _settings(parsed, header.output)
 
     when = None
-    if "when" in data:
+    if header.when is not None:
         try:
-            when, _ = parse_condition(data["when"], hp.compile_path, hp.is_list)
+            when, _ = parse_condition(header.when, hp.compile_path, hp.is_list)
         except ConditionError as exc:
-            bad("when", str(exc))
+            problems.append(doc.problem(("when",), str(exc)))
 
-    ctx = CompileContext(display, settings, tables_dir, formats or FORMATS, dicom=output == "dicom")
-    build = compile_fields(data.get("fields"), ctx) if "fields" in data else (lambda scope: {})
+    ctx = CompileContext(display, settings, tables_dir, formats or FORMATS, dicom=header.output == "dicom")
+    build = compile_fields(data["fields"], ctx) if "fields" in data else (lambda scope: {})
     problems.extend(ctx.problems)
-    examples = _examples(data, bad)
+    examples = _examples(doc, header.examples, problems)
 
     if problems:
         problems.sort(key=lambda p: (p.line, p.column))
         raise MappingConfigError(problems)
     for_each_line = position(data, "for_each")[0] if "for_each" in data else 1
     return Mapping(
-        name=name,
-        description=str(description),
-        input="hl7v2",
-        output=output,
-        for_each=for_each,
+        name=header.name or path.stem,
+        description=header.description,
+        input=header.input,
+        output=header.output,
+        for_each=header.for_each,
         settings=settings,
         path=path,
         display=display,
@@ -211,60 +224,17 @@ def load_mapping(path: Path, tables_dir: Path | None = None, *, formats: FormatR
     )
 
 
-def _settings(data: Any, output: str, bad: Any) -> Settings:
-    s = Settings(keep_empty=output != "fhir")
-    node = data.get("settings")
-    if node is None:
-        return s
-    if not isinstance(node, dict):
-        bad("settings", "settings must be a mapping")
-        return s
-    known = (
-        "timezone",
-        "study_uid_policy",
-        "uid_root",
-        "coding_scheme",
-        "local_code_system",
-        "keep_empty",
-        "empty_groups",
+def _settings(model: SettingsModel, output: str) -> Settings:
+    return Settings(
+        timezone=model.timezone or "",
+        tzinfo=ZoneInfo(model.timezone) if model.timezone else None,
+        study_uid_policy=model.study_uid_policy,
+        uid_root=model.uid_root or "",
+        coding_scheme=model.coding_scheme,
+        local_code_system=model.local_code_system,
+        keep_empty=model.keep_empty if model.keep_empty is not None else output != "fhir",
+        empty_groups=model.empty_groups,
     )
-    for key, value in node.items():
-        kp = f"settings.{key}"
-        if key not in known:
-            bad(key, f"unknown setting (known: {', '.join(known)})", node, kp)
-        elif key == "timezone":
-            try:
-                s.tzinfo = ZoneInfo(str(value))
-                s.timezone = str(value)
-            except (ZoneInfoNotFoundError, ValueError):
-                bad(key, f"unknown time zone {value!r} (use an IANA name like Europe/Berlin)", node, kp)
-        elif key == "study_uid_policy":
-            if value not in POLICIES:
-                bad(key, f"study_uid_policy must be one of {', '.join(POLICIES)}", node, kp)
-            else:
-                s.study_uid_policy = value
-        elif key == "uid_root":
-            root = str(value)
-            if not valid_uid(root) or len(root) > 40:
-                bad(key, "uid_root must be a UID root (digits and dots, at most 40 characters)", node, kp)
-            else:
-                s.uid_root = root
-        elif key == "keep_empty":
-            if not isinstance(value, bool):
-                bad(key, "keep_empty must be true or false", node, kp)
-            else:
-                s.keep_empty = value
-        elif key == "empty_groups":
-            if value not in ("error", "skip"):
-                bad(key, "empty_groups must be error or skip", node, kp)
-            else:
-                s.empty_groups = value
-        else:
-            if not isinstance(value, str):
-                bad(key, f"{key} must be text", node, kp)
-            else:
-                setattr(s, key, value)
-    return s
 
 
 def plain(node: Any) -> Any:
@@ -276,42 +246,16 @@ def plain(node: Any) -> Any:
     return node
 
 
-def _examples(data: Any, bad: Any) -> list[Example]:
-    node = data.get("examples")
-    if node is None:
-        return []
-    if not isinstance(node, list):
-        bad("examples", "examples must be a list of {message:, expect:}")
-        return []
+def _examples(doc: YamlDocument, items: list[Any], problems: list[Problem]) -> list[Example]:
     out = []
-    for i, item in enumerate(node):
-        kp = f"examples[{i}]"
+    node = doc.data.get("examples")
+    for i in range(len(items)):
+        parsed, found = check(doc, ExampleModel, ("examples", i))
+        problems += found
+        if parsed is None:
+            continue
+        error = parsed.error.model_dump(exclude_none=True) if parsed.error is not None else None
         line = position(node, i)[0]
-        if not isinstance(item, dict):
-            bad(i, "an example is {message: ..., expect: ...}", node, kp)
-            continue
-        for key in item:
-            if key not in EXAMPLE_KEYS:
-                bad(key, f"unknown key in example (known: {', '.join(EXAMPLE_KEYS)})", item, f"{kp}.{key}")
-        msg = item.get("message")
-        if not isinstance(msg, str) or not msg.strip():
-            bad(i, "example needs message: (inline ER7 or a file like samples/hl7/x.hl7)", node, kp)
-            continue
-        if "expect" not in item and "error" not in item:
-            bad(i, "example needs expect: (outputs) or error: (expected refusal)", node, kp)
-            continue
-        error = item.get("error")
-        if error is not None and not isinstance(error, dict):
-            bad("error", "error must be a mapping like {code: 101, location: OBR-18}", item, f"{kp}.error")
-            continue
-        out.append(
-            Example(
-                i + 1,
-                line,
-                msg,
-                plain(item.get("expect")),
-                plain(error) if error else None,
-                str(item.get("description") or ""),
-            )
-        )
+        warnings = [w.model_dump(exclude_none=True) for w in parsed.warnings]
+        out.append(Example(i + 1, line, parsed.message, plain(parsed.expect), error, parsed.description, warnings))
     return out

@@ -7,6 +7,7 @@ components that can still give the subcomponents of one of them).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from engine.mapping import paths as hp
@@ -19,12 +20,6 @@ MESSAGE_LEVEL = frozenset(
 )
 
 
-# A getter that is a plain read (first non-empty of paths, text values, no formats) carries
-# `plain`: a tuple of (marker, top, path), so the compiler can inline the read into the code it
-# generates for an object (see compiler._compile_object). Reads are pure: inlining them without
-# the memo gives the same values.
-
-
 class Scope:
     """The message (or one group of it) being mapped, as the compiled rules see it.
 
@@ -32,14 +27,26 @@ class Scope:
     segments the message does not have with one substring test instead of a lookup.
     """
 
-    __slots__ = ("view", "msg", "text", "memo", "top_memo")
+    __slots__ = ("view", "msg", "text", "memo", "top_memo", "warnings")
 
-    def __init__(self, view: Any, msg: Any, text: str | None = None, top_memo: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        view: Any,
+        msg: Any,
+        text: str | None = None,
+        top_memo: dict[str, Any] | None = None,
+        warnings: list[Any] | None = None,
+    ) -> None:
         self.view = view
         self.msg = msg
         self.text = text if text is not None else "\r" + msg.text
         self.memo: dict[str, Any] = {}  # path text -> value, for this group
         self.top_memo: dict[str, Any] = {} if top_memo is None else top_memo  # message-level, shared
+        self.warnings = warnings  # where dropped values are reported (None: nobody asked)
+
+    def inner(self, group: Any) -> Scope:
+        """The scope of one group of this message (same text, message memo and warnings)."""
+        return Scope(group, self.msg, self.text, self.top_memo, self.warnings)
 
     def get(self, path: Any) -> str:
         return self.view.get(path)
@@ -57,9 +64,30 @@ class Scope:
         return self.view.groups(kind)
 
 
-def _first_text(texts: list[str]) -> Evaluator:
-    """First non-empty of several plain paths, in one closure (the hot case)."""
-    specs = tuple((t, *_path_spec(t)) for t in texts)
+@dataclass(frozen=True)
+class Read:
+    """One plain read of a rule, as data the code generator can inline.
+
+    marker: "\\rOBR", the substring that tells the message has the segment ("" for MSH: always there);
+    top: a message-level segment, read from the message rather than the group.
+    """
+
+    text: str  # "OBR-18", as the mapping wrote it (and as ERR-2 names it)
+    marker: str
+    top: bool
+    path: Any  # the ER7 view's compiled path
+
+
+def read_of(text: str) -> Read:
+    seg = hp.segment_of(text)
+    return Read(text, "" if seg == "MSH" else "\r" + seg, seg in MESSAGE_LEVEL, hp.compile_path(text))
+
+
+def first_text(reads: tuple[Read, ...]) -> Evaluator:
+    """First non-empty of several plain reads, in one closure (the hot case)."""
+    if len(reads) == 1:
+        return _one_text(reads[0])
+    specs = tuple((r.text, r.marker, r.top, r.path) for r in reads)
 
     def first(scope: Scope) -> str:
         text = scope.text
@@ -74,13 +102,22 @@ def _first_text(texts: list[str]) -> Evaluator:
                 return v
         return ""
 
-    first.plain = tuple((marker, top, path) for _key, marker, top, path in specs)  # type: ignore[attr-defined]
     return first
 
 
-def _path_spec(text: str) -> tuple[str, bool, Any]:
-    seg = hp.segment_of(text)
-    return ("" if seg == "MSH" else "\r" + seg), seg in MESSAGE_LEVEL, hp.compile_path(text)
+def _one_text(read: Read) -> Evaluator:
+    key, marker, top, path = read.text, read.marker, read.top, read.path
+
+    def get(scope: Scope) -> str:
+        if marker and marker not in scope.text:
+            return ""
+        memo = scope.top_memo if top else scope.memo
+        v = memo.get(key)
+        if v is None:
+            v = memo[key] = (scope.msg if top else scope.view).get(path)
+        return v
+
+    return get
 
 
 class Parts(tuple):  # noqa: SLOT001 - instances carry where they came from
@@ -93,7 +130,8 @@ class Parts(tuple):  # noqa: SLOT001 - instances carry where they came from
         return view.components(hp.compile_path(f"{text}.{i + 1}"))
 
 
-def _parts(c: list[str], view: Any, text: str) -> Any:
+def parts(c: list[str], view: Any, text: str) -> Any:
+    """Components as a Parts (that knows where it came from), or "" when all are empty."""
     if not any(c):
         return ""
     p = Parts(c)
@@ -102,10 +140,9 @@ def _parts(c: list[str], view: Any, text: str) -> Any:
     return p
 
 
-def _getter(text: str, path: Any, many: bool, components: bool) -> Evaluator:
-    seg = hp.segment_of(text)
-    marker = "" if seg == "MSH" else "\r" + seg  # MSH is always there
-    top = seg in MESSAGE_LEVEL
+def getter(read: Read, many: bool, components: bool) -> Evaluator:
+    """The value of one path: text, the list of its repetitions ([*]), or its decoded components."""
+    text, marker, top, path = read.text, read.marker, read.top, read.path
     if not components:
         if many:
 
@@ -115,27 +152,15 @@ def _getter(text: str, path: Any, many: bool, components: bool) -> Evaluator:
                 return (scope.msg if top else scope.view).get_all(path)
 
             return get_all
-
-        def get(scope: Scope) -> Any:
-            if marker and marker not in scope.text:
-                return ""
-            memo = scope.top_memo if top else scope.memo
-            v = memo.get(text)
-            if v is None:
-                v = memo[text] = (scope.msg if top else scope.view).get(path)
-            return v
-
-        get.plain = ((marker, top, path),)  # type: ignore[attr-defined]  # the compiler may inline this read
-        return get
+        return first_text((read,))
     if not many:
 
         def comps(scope: Scope) -> Any:
             if marker and marker not in scope.text:
                 return ""
             view = scope.msg if top else scope.view
-            return _parts(view.components(path), view, text)  # a tuple: one value (a list: repetitions)
+            return parts(view.components(path), view, text)  # a tuple: one value (a list: repetitions)
 
-        comps.plain_components = ((marker, top, path, text),)  # type: ignore[attr-defined]
         return comps
 
     def comps_each(scope: Scope) -> Any:
@@ -146,7 +171,7 @@ def _getter(text: str, path: Any, many: bool, components: bool) -> Evaluator:
         out = []
         for i in range(1, n + 1):
             rep = hp.repetition_path(text, i)
-            out.append(_parts(view.components(hp.compile_path(rep)), view, rep))
+            out.append(parts(view.components(hp.compile_path(rep)), view, rep))
         return out
 
     return comps_each

@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from engine.errors import ProcessingWarning
 from engine.mapping.dicom_out import to_dataset
+
+
+def render_warnings(warnings: list[ProcessingWarning]) -> str:
+    """One line per dropped or cut value: code, location, target, why and the rule's line."""
+    return "\n".join(f"warning {w.code} at {w.location or '?'} ({w.target}): {w.text} [{w.source}]" for w in warnings)
 
 
 def render(outputs: list[Any], output_kind: str) -> str:

@@ -1,34 +1,40 @@
-"""One rule (`{from:, value:, default:, required:, map:/table:, on_missing:, format:, when:}`)
-compiled into a closure; problems are collected with their line, never raised one by one."""
+"""One rule (`{from:, value:, default:, required:, map:/table:, on_missing:, on_invalid:, format:,
+when:}`) compiled into a RulePlan; problems are collected with their line, never raised one by one."""
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
 from typing import Any
 
-from engine.errors import REQUIRED_FIELD_MISSING, TABLE_VALUE_NOT_FOUND, ProcessingError
 from engine.mapping import paths as hp
+from engine.mapping.closures import rule_closure
 from engine.mapping.conditions import ConditionError, parse_condition
 from engine.mapping.context import (
-    CONTAINERS,
-    FALSY_EMPTY,
-    OMIT,
+    ON_INVALID,
     CompileContext,
     Evaluator,
     RuleContext,
     is_empty,
-    location_for,
     position,
 )
 from engine.mapping.formats import Format
-from engine.mapping.reading import _first_text, _getter
+from engine.mapping.plan import RulePlan, TableStep
+from engine.mapping.reading import Read, first_text, getter, read_of
 from engine.mapping.tables import ON_MISSING, CodeTable, TableError, inline_table, load_csv_table
 from engine.mapping.templates import TemplateError, compile_template, literal_text, template_paths
 
-BASE_RULE_KEYS = ("from", "value", "default", "required", "map", "table", "on_missing", "format", "when")
-
-_MISSING: Any = object()
+BASE_RULE_KEYS = (
+    "from",
+    "value",
+    "default",
+    "required",
+    "map",
+    "table",
+    "on_missing",
+    "on_invalid",
+    "format",
+    "when",
+)
 
 
 def is_rule(node: Any) -> bool:
@@ -84,8 +90,13 @@ def compile_when(node: dict, kp: str, ctx: CompileContext) -> Any:
         return None
 
 
-def compile_rule(node: dict, parent: Any, key: Any, kp: str, ctx: CompileContext) -> Evaluator | None:
-    """One rule -> a closure scope -> value (or OMIT). Returns None (and records problems) if bad."""
+def compile_rule(
+    node: dict, parent: Any, key: Any, kp: str, ctx: CompileContext, *, on_invalid: str | None = None
+) -> RulePlan | None:
+    """One rule -> its plan (closures.rule_closure makes the closure). Returns None (and records problems) if bad.
+
+    `on_invalid` is the target's when this is its `default:` rule (a fallback speaks for its target).
+    """
     bad = len(ctx.problems)
     line, _ = position(parent, key)
     source = f"{ctx.display}:{line}"
@@ -125,7 +136,10 @@ def compile_rule(node: dict, parent: Any, key: Any, kp: str, ctx: CompileContext
             ctx.problem(node, k, f"{kp}.{k}", f"unknown key in rule{hint}")
 
     # where the value comes from
-    getter: Evaluator | None = None
+    get: Evaluator | None = None
+    chain: tuple[tuple[str, Evaluator], ...] = ()
+    reads: tuple[Read, ...] = ()
+    component_reads: tuple[Read, ...] = ()
     path_texts: list[str] = []
     wants_components = bool(formats) and formats[0].components
     for i, f in enumerate(formats):
@@ -143,7 +157,10 @@ def compile_rule(node: dict, parent: Any, key: Any, kp: str, ctx: CompileContext
         if texts is None:
             ctx.problem(node, "from", f"{kp}.from", "from must be an HL7 path or a list of paths")
         else:
-            getter, path_texts = _compile_from(texts, node, kp, ctx, wants_components)
+            get, reads, chain = _compile_from(texts, node, kp, ctx, wants_components)
+            path_texts = texts
+            if wants_components:
+                reads, component_reads = (), reads
     elif "value" in node:
         if wants_components:
             ctx.problem(
@@ -152,7 +169,7 @@ def compile_rule(node: dict, parent: Any, key: Any, kp: str, ctx: CompileContext
                 f"{kp}.format",
                 f"format {formats[0].name} reads the components of an HL7 field: use from:",
             )
-        getter = compile_literal(node["value"], node, "value", f"{kp}.value", ctx)
+        get = compile_literal(node["value"], node, "value", f"{kp}.value", ctx)
         if isinstance(node["value"], str):
             try:
                 path_texts = template_paths(node["value"])
@@ -161,20 +178,26 @@ def compile_rule(node: dict, parent: Any, key: Any, kp: str, ctx: CompileContext
     elif "default" not in node:
         ctx.problem(parent, key, kp, "a rule needs from:, value: or default:")
 
-    default: Evaluator | None = None
-    if "default" in node:
-        d = node["default"]
-        if is_rule(d):  # a fallback rule: its own from/map/default
-            default = compile_rule(d, node, "default", f"{kp}.default", ctx)
-        elif isinstance(d, dict | list):
-            ctx.problem(node, "default", f"{kp}.default", "default must be a literal, a template or a rule")
-        else:
-            default = compile_literal(d, node, "default", f"{kp}.default", ctx)
-
     required = node.get("required", False)
     if not isinstance(required, bool):
         ctx.problem(node, "required", f"{kp}.required", "required must be true or false")
         required = False
+
+    policy = node.get("on_invalid", on_invalid or ("reject" if required else "drop"))
+    if policy not in ON_INVALID:
+        ctx.problem(node, "on_invalid", f"{kp}.on_invalid", f"on_invalid must be one of {', '.join(ON_INVALID)}")
+        policy = "reject"
+
+    default: Evaluator | None = None
+    if "default" in node:
+        d = node["default"]
+        if is_rule(d):  # a fallback rule: its own from/map/default
+            fallback = compile_rule(d, node, "default", f"{kp}.default", ctx, on_invalid=policy)
+            default = rule_closure(fallback) if fallback is not None else None
+        elif isinstance(d, dict | list):
+            ctx.problem(node, "default", f"{kp}.default", "default must be a literal, a template or a rule")
+        else:
+            default = compile_literal(d, node, "default", f"{kp}.default", ctx)
 
     tables = _compile_tables(node, kp, ctx)
     on_missing = node.get("on_missing")
@@ -211,19 +234,23 @@ def compile_rule(node: dict, parent: Any, key: Any, kp: str, ctx: CompileContext
 
     if len(ctx.problems) > bad:
         return None
-    if getter is None:
-        getter = lambda scope: ""  # noqa: E731 - only default: given
+    if get is None:
+        get = lambda scope: ""  # noqa: E731 - only default: given
     rc = RuleContext(target, source, path_texts, ctx.settings, options)
-    return _build_rule(rc, getter, formats, tables, on_missing, default, required, when)
+    steps = tuple(TableStep(t, on_missing or ("default" if t.has_default else "error")) for t in tables)
+    return RulePlan(rc, get, reads, component_reads, tuple(formats), steps, default, required, when, policy, chain)
 
 
 def _compile_from(
     texts: list[str], node: Any, kp: str, ctx: CompileContext, components: bool
-) -> tuple[Evaluator | None, list[str]]:
+) -> tuple[Evaluator | None, tuple[Read, ...], tuple[tuple[str, Evaluator], ...]]:
+    """The getter of `from:`, its reads when it is nothing but reads of single fields, and the
+    getter of each path (the chain)."""
     getters: list[Evaluator] = []
+    reads: list[Read] = []
     for t in texts:
         try:
-            path = hp.compile_path(t)
+            read = read_of(t)
         except ValueError as exc:
             ctx.problem(node, "from", f"{kp}.from", f"bad path {t!r}: {exc}")
             continue
@@ -231,13 +258,17 @@ def _compile_from(
         if components and many and t.count("[*]") > 1:
             ctx.problem(node, "from", f"{kp}.from", f"{t}: a components format takes at most one [*]")
             continue
-        getters.append(_getter(t, path, many, components))
+        getters.append(getter(read, many, components))
+        if not many:
+            reads.append(read)
     if len(getters) != len(texts):
-        return None, texts
+        return None, (), ()
+    plain = tuple(reads) if len(reads) == len(texts) else ()
+    chain = tuple(zip(texts, getters, strict=True))
     if len(getters) == 1:
-        return getters[0], texts
-    if not components and not any(hp.is_list(t) for t in texts):
-        return _first_text(texts), texts
+        return getters[0], plain, chain
+    if not components and plain:
+        return first_text(plain), plain, chain
     getters_t = tuple(getters)
 
     def first(scope: Any) -> Any:
@@ -248,10 +279,7 @@ def _compile_from(
                 return v
         return v
 
-    specs = [getattr(g, "plain_components", None) for g in getters]
-    if all(specs):  # one field's components each: "" or a Parts with something in it
-        first.plain_components = tuple(s for spec in specs for s in spec)  # type: ignore[attr-defined]
-    return first, texts
+    return first, plain, chain
 
 
 def _compile_tables(node: Any, kp: str, ctx: CompileContext) -> list[CodeTable]:
@@ -298,136 +326,3 @@ def _table_file(name: str, node: Any, key: str, kp: str, ctx: CompileContext) ->
         return None
     ctx.tables[name] = table
     return table
-
-
-def _build_rule(
-    rc: RuleContext,
-    get: Evaluator,
-    formats: list[Format],
-    tables: list[CodeTable],
-    on_missing: str | None,
-    default: Evaluator | None,
-    required: bool,
-    when: Callable[[Any], bool] | None,
-) -> Evaluator:
-    if not formats and not tables and default is None and not required and when is None:
-        return get  # the common case: a plain copy
-
-    funcs = tuple((f.func, f.whole) for f in formats)
-    single = formats[0].func if len(formats) == 1 and not formats[0].whole else None
-
-    def fmt(v: Any, scope: Any) -> Any:
-        try:
-            if single is not None and v.__class__ is not list:
-                return single(v, rc, scope)
-            for func, whole in funcs:
-                if v.__class__ is list and not whole:
-                    v = [func(x, rc, scope) for x in v]
-                else:
-                    v = func(v, rc, scope)
-        except ProcessingError as exc:
-            if not exc.location:
-                exc.location = _value_location(rc, scope)
-            raise
-        return v
-
-    lookups = tuple(_lookup(rc, t, on_missing or ("default" if t.has_default else "error")) for t in tables)
-    fallback = default is not None or required
-
-    # the frequent shapes get a closure of their own: every call saved counts on the hot path
-    if when is None and not tables and default is None:
-        if single is not None and not required:
-
-            def formatted(scope: Any) -> Any:
-                v = get(scope)
-                if v.__class__ is list:
-                    return fmt(v, scope)
-                try:
-                    return single(v, rc, scope)
-                except ProcessingError as exc:
-                    if not exc.location:
-                        exc.location = _value_location(rc, scope)
-                    raise
-
-            plain = getattr(get, "plain", None)
-            if plain is not None:  # the compiler inlines the read, then calls the format
-                formatted.plain_format = (plain, single, rc)  # type: ignore[attr-defined]
-            comps = getattr(get, "plain_components", None)
-            if comps is not None:  # the same for one field's components
-                formatted.components_format = (comps, single, rc)  # type: ignore[attr-defined]
-            return formatted
-        if not formats and required:
-
-            def required_copy(scope: Any) -> Any:
-                v = get(scope)
-                if v.__class__ is str and v:
-                    return v
-                if (not v and v.__class__ in FALSY_EMPTY) or (v.__class__ in CONTAINERS and is_empty(v)):
-                    rc.fail(REQUIRED_FIELD_MISSING, "required field missing", location=location_for(rc.paths, scope))
-                return v
-
-            plain = getattr(get, "plain", None)
-            if plain is not None:  # inlined: a non-empty read is the value, else this closure decides
-                required_copy.plain_required = plain  # type: ignore[attr-defined]
-            return required_copy
-
-    def rule(scope: Any) -> Any:
-        if when is not None and not when(scope):
-            return OMIT
-        v = get(scope)
-        if funcs:
-            v = fmt(v, scope)
-        for lookup in lookups:
-            if (not v and v.__class__ in FALSY_EMPTY) or (v.__class__ in CONTAINERS and is_empty(v)):
-                break
-            v = [lookup(x, scope) for x in v] if v.__class__ is list else lookup(v, scope)
-        if fallback and ((not v and v.__class__ in FALSY_EMPTY) or (v.__class__ in CONTAINERS and is_empty(v))):
-            if default is not None:
-                v = default(scope)
-                if v is OMIT:
-                    v = ""
-            if required and ((not v and v.__class__ in FALSY_EMPTY) or (v.__class__ in CONTAINERS and is_empty(v))):
-                rc.fail(REQUIRED_FIELD_MISSING, "required field missing", location=location_for(rc.paths, scope))
-        return v
-
-    plain = getattr(get, "plain", None)
-    if plain is not None and when is None and single is not None and not tables and fallback:
-        # read + format inlined; this closure (which recomputes the same value) only when it is empty
-        rule.plain_format_fallback = (plain, single, rc)  # type: ignore[attr-defined]
-    if plain is not None and when is None and not funcs and len(lookups) == 1 and not fallback:
-        rule.plain_lookup = (plain, lookups[0])  # type: ignore[attr-defined]  # read; if non-empty, look up
-    if plain is not None and when is None and not funcs and not tables:
-        # a non-empty read is the value (default/required only act on empty): the compiler
-        # inlines the read and calls this closure only when it came back empty
-        rule.plain_required = plain  # type: ignore[attr-defined]
-    return rule
-
-
-def _value_location(rc: RuleContext, scope: Any) -> str:
-    """The path that supplied the value (first non-empty), for an error in a format."""
-    for text in rc.paths:
-        try:
-            if scope.get(hp.compile_path(text)):
-                return text
-        except Exception:  # noqa: BLE001 - best effort
-            break
-    return location_for(rc.paths, scope)
-
-
-def _lookup(rc: RuleContext, table: CodeTable, on_missing: str) -> Callable[[Any, Any], Any]:
-    entries = table.entries
-    default = table.default if table.default is not None else ""
-
-    def lookup(v: Any, scope: Any) -> Any:
-        if is_empty(v):
-            return v
-        r = entries.get(v if isinstance(v, str) else str(v), _MISSING)
-        if r is not _MISSING:
-            return r
-        if on_missing == "keep":
-            return v
-        if on_missing == "default":
-            return default
-        rc.fail(TABLE_VALUE_NOT_FOUND, f"code not in table {table.name}", location=_value_location(rc, scope))
-
-    return lookup

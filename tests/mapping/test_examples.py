@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from engine.mapping import check_examples, load_mapping
-from engine.mapping.examples import subset_diffs
+from engine.mapping import check_examples, load_mapping, map_message, render_warnings
+from engine.mapping.examples import example_message, subset_diffs
 
 HEAD = """
 name: ex
@@ -35,6 +35,7 @@ def test_passing_examples_inline_and_from_file(write_mapping, tmp_path, orm):
   - message: |
       MSH|^~\\&|RIS|RAD|ENGINE|HOSP|20261124153000||ORM^O01|C9|P|2.3.1
       ORC||PL1
+      OBR|1|PL1
     error: {code: 101, location: ORC-1, text: order}
 """
     )
@@ -56,18 +57,22 @@ def test_failing_examples_say_where_and_what(write_mapping, orm):
   - message: |
       MSH|^~\\&|RIS|RAD|ENGINE|HOSP|20261124153000||ORM^O01|C9|P|2.3.1
       ORC||PL1
+      OBR|1|PL1
     expect: {order: NW}
   - message: |
       MSH|^~\\&|RIS|RAD|ENGINE|HOSP|20261124153000||ORM^O01|C9|P|2.3.1
       ORC|NW|PL1
+      OBR|1|PL1
     error: {code: 101}
   - message: |
       MSH|^~\\&|RIS|RAD|ENGINE|HOSP|20261124153000||ORM^O01|C9|P|2.3.1
       ORC||PL1
+      OBR|1|PL1
     error: {code: 103, location: ORC-2}
   - message: |
       MSH|^~\\&|RIS|RAD|ENGINE|HOSP|20261124153000||ORM^O01|C9|P|2.3.1
       ORC|NW|PL1
+      OBR|1|PL1
     expect: [{order: NW}, {order: NW}]
 """
     )
@@ -91,3 +96,33 @@ def test_subset_rules():
     assert subset_diffs({"a": None}, {}, "o") == []
     assert subset_diffs({"a": [{"x": 1}]}, {"a": [{"x": "2"}]}, "o") == ["o.a[0].x: expected 1, got '2'"]
     assert subset_diffs({"a": True}, {"a": "True"}, "o") != []
+
+
+def test_examples_can_expect_warnings_and_map_message_returns_them(write_mapping):
+    text = """
+name: ex
+input: hl7v2
+output: json
+fields:
+  sex: {from: PID-8, format: sex_to_dicom}
+examples:
+  - message: |
+      MSH|^~\\&|RIS|RAD|ENGINE|HOSP|20261124153000||ADT^A08|C9|P|2.5.1
+      PID|1||1||X||19800101|M-
+    expect: {sex: ""}
+    warnings: [{code: 103, location: PID-8, target: sex, text: table 0001}]
+  - message: |
+      MSH|^~\\&|RIS|RAD|ENGINE|HOSP|20261124153000||ADT^A08|C9|P|2.5.1
+      PID|1||1||X||19800101|F
+    expect: {sex: F}
+    warnings: [{code: 103}]
+"""
+    m = load_mapping(write_mapping(text))
+    (failure,) = check_examples(m)
+    assert "example 2: expected a warning" in failure and "got none" in failure
+    outputs, warnings = map_message(m, example_message(m, m.examples[0]))
+    assert outputs == [{"sex": ""}] and len(warnings) == 1
+    assert render_warnings(warnings) == (
+        "warning 103 at PID-8 (sex): administrative sex is not in HL7 table 0001 (M F O U A N); value dropped"
+        " [mappings/m.yaml:5]"
+    )

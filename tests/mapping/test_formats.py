@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.errors import ProcessingError
+from engine.errors import ProcessingError, ProcessingWarning
 from engine.hl7.er7 import Message
 from engine.mapping import FORMATS, FormatRegistry, load_mapping
 from engine.mapping.formats import accession_uid, convert_dtm, valid_uid
@@ -14,8 +14,25 @@ MSH = "MSH|^~\\&|RIS|RAD|ENGINE|HOSP|20261124153000||ORM^O01|C1|P|2.5.1"
 
 def one(mapping, rule: str, segment: str, header: str = "settings: {timezone: Europe/Berlin}\n"):
     """Map `x: <rule>` over MSH + `segment`; return x."""
+    return warned(mapping, rule, segment, header)[0]
+
+
+def warned(
+    mapping, rule: str, segment: str, header: str = "settings: {timezone: Europe/Berlin}\n"
+) -> tuple[object, list[ProcessingWarning]]:
+    """Map `x: <rule>` over MSH + `segment`; return x and the warnings."""
     m = mapping(f"x: {rule}", header=header)
-    return m.run(Message.parse(MSH + "\r" + segment))[0].get("x")
+    warnings: list[ProcessingWarning] = []
+    return m.run(Message.parse(MSH + "\r" + segment), warnings)[0].get("x"), warnings
+
+
+def rejected(
+    mapping, rule: str, segment: str, header: str = "settings: {timezone: Europe/Berlin}\n"
+) -> ProcessingError:
+    """The refusal of `x: <rule>` with on_invalid: reject."""
+    with pytest.raises(ProcessingError) as err:
+        one(mapping, rule.replace("{", "{on_invalid: reject, ", 1), segment, header)
+    return err.value
 
 
 @pytest.mark.parametrize(
@@ -43,17 +60,36 @@ def test_offset_kept_when_no_timezone_setting(mapping):
     "bad", ["2026112", "20261325", "20260230", "2026112510xx", "202611251099", "hello", "202611251000+9900"]
 )
 def test_bad_dates_are_102_at_the_path(mapping, bad):
-    with pytest.raises(ProcessingError) as err:
-        one(mapping, "{from: TQ1-7, format: dtm_to_da}", f"TQ1|1||||||{bad}")
-    assert err.value.code == 102
-    assert err.value.location == "TQ1-7"
-    assert err.value.source == "mappings/m.yaml:6"  # header line + settings line
+    err = rejected(mapping, "{from: TQ1-7, format: dtm_to_da}", f"TQ1|1||||||{bad}")
+    assert err.code == 102
+    assert err.location == "TQ1-7"
+    assert err.source == "mappings/m.yaml:6"  # header line + settings line
+    value, (w,) = warned(mapping, "{from: TQ1-7, format: dtm_to_da}", f"TQ1|1||||||{bad}")
+    assert value == "" and (w.code, w.location, w.source, w.target) == (102, "TQ1-7", "mappings/m.yaml:6", "x")
+    assert bad not in w.text
 
 
 def test_partial_date_cannot_be_a_dicom_date(mapping):
-    with pytest.raises(ProcessingError) as err:
-        one(mapping, "{from: PID-7, format: dtm_to_da}", "PID|1||1||X||1980")
-    assert err.value.code == 102 and "DA" in err.value.text
+    err = rejected(mapping, "{from: PID-7, format: dtm_to_da}", "PID|1||1||X||1980")
+    assert err.code == 102 and "DA" in err.text
+
+
+@pytest.mark.parametrize(
+    ("iso", "da", "tm"),
+    [
+        ("2026-11-25T08:30:00+01:00", "20261125", "083000"),
+        ("2026-11-25 08:30", "20261125", "083000"),
+        ("2026-11-25T07:30:00Z", "20261125", "083000"),
+        ("2026-11-25", "20261125", ""),
+    ],
+)
+def test_iso_8601_timestamps_are_read_with_a_warning(mapping, iso, da, tm):
+    value, (w,) = warned(mapping, "{from: TQ1-7, format: dtm_to_da, required: true}", f"TQ1|1||||||{iso}")
+    assert value == da and (w.code, w.location, w.target) == (102, "TQ1-7", "x") and "ISO 8601" in w.text
+    value, warnings = warned(mapping, "{from: TQ1-7, format: dtm_to_tm}", f"TQ1|1||||||{iso}")
+    assert value == tm and len(warnings) == 1
+    fhir, _ = warned(mapping, "{from: TQ1-7, format: dtm_to_fhir}", f"TQ1|1||||||{iso}")
+    assert str(fhir).startswith("2026-11-25")
 
 
 def test_dtm_to_dt_and_fhir(mapping):
@@ -114,9 +150,10 @@ def test_cwe_to_code_item(mapping):
         "CodeMeaning": "Alt text",
     }
     assert one(mapping, rule, "OBR|1|||") == ""
-    with pytest.raises(ProcessingError) as err:
-        one(mapping, rule, "OBR|1|||^Only text")
-    assert err.value.code == 101 and err.value.location == "OBR-4"
+    err = rejected(mapping, rule, "OBR|1|||^Only text")
+    assert err.code == 102 and err.location == "OBR-4"
+    value, (w,) = warned(mapping, rule, "OBR|1|||^Only text")  # no valid code item: dropped
+    assert value == "" and (w.code, w.location) == (102, "OBR-4") and "no code" in w.text
 
 
 def test_cwe_to_codeable_concept(mapping):
@@ -142,10 +179,12 @@ def test_sex_to_dicom(mapping, hl7, dicom):
     assert one(mapping, "{from: PID-8, format: sex_to_dicom}", f"PID|1||1||X||19800101|{hl7}") == dicom
 
 
-def test_sex_outside_table_0001_is_103(mapping):
-    with pytest.raises(ProcessingError) as err:
-        one(mapping, "{from: PID-8, format: sex_to_dicom}", "PID|1||1||X||19800101|Q")
-    assert err.value.code == 103 and err.value.location == "PID-8"
+@pytest.mark.parametrize("sex", ["Q", "M-"])
+def test_sex_outside_table_0001_is_103(mapping, sex):
+    err = rejected(mapping, "{from: PID-8, format: sex_to_dicom}", f"PID|1||1||X||19800101|{sex}")
+    assert err.code == 103 and err.location == "PID-8"
+    value, (w,) = warned(mapping, "{from: PID-8, format: sex_to_dicom}", f"PID|1||1||X||19800101|{sex}")
+    assert value == "" and (w.code, w.location, w.target) == (103, "PID-8", "x") and "value dropped" in w.text
 
 
 def test_upper_and_trim(mapping):
@@ -157,9 +196,11 @@ STUDY = "{from: ZDS-1.1, format: study_uid, accession: [IPC-1, OBR-18]}"
 
 def test_study_uid_present_is_kept_and_checked(mapping):
     assert one(mapping, STUDY, "ZDS|1.2.3.4^ENGINE") == "1.2.3.4"
-    with pytest.raises(ProcessingError) as err:
-        one(mapping, STUDY, "ZDS|1.2.03.x")
-    assert err.value.code == 102 and err.value.location == "ZDS-1.1"
+    err = rejected(mapping, STUDY, "ZDS|1.2.03.x")
+    assert err.code == 102 and err.location == "ZDS-1.1"
+    # dropped: as if ZDS-1 were empty, so the UID is derived from the accession number
+    value, (w,) = warned(mapping, STUDY, "ZDS|1.2.03.x\rOBR|1" + "|" * 17 + "ACC77")
+    assert value == one(mapping, STUDY, "OBR|1" + "|" * 17 + "ACC77") and w.location == "ZDS-1.1"
 
 
 def test_study_uid_accession_based_is_stable_and_valid(mapping):

@@ -148,3 +148,46 @@ def test_valid_mapping_attributes(write_mapping):
     assert (m.name, m.input, m.output, m.for_each) == ("ok", "hl7v2", "fhir", "ORDER")
     assert m.settings.timezone == "UTC" and m.settings.keep_empty is False
     assert "ok" in repr(m)
+
+
+def test_header_settings_and_examples_errors_are_located_with_did_you_mean(write_mapping):
+    text = """
+    name: x
+    input: hl7v2
+    output: xml
+    for_eac: ORDER
+    settings:
+      timezone: Europe/Berlin
+      keep_empty: "yes"
+      uid_rot: "1.2.3"
+    fields:
+      a: {from: ORC-1}
+    examples:
+      - {message: x.hl7, expect: {a: NW}, eror: {code: 101}}
+      - {message: x.hl7, error: {code: 101, where: ORC-1}}
+    """
+    with pytest.raises(MappingConfigError) as err:
+        load_mapping(write_mapping(text))
+    by_key = {p.key: p for p in err.value.problems}
+    assert by_key["output"].line == 3 and "dicom" in by_key["output"].message
+    assert by_key["for_eac"].line == 4 and "did you mean for_each" in by_key["for_eac"].message
+    assert by_key["settings.keep_empty"].line == 7
+    assert by_key["settings.uid_rot"].line == 8 and "did you mean uid_root" in by_key["settings.uid_rot"].message
+    assert by_key["examples.0.eror"].line == 12 and "did you mean error" in by_key["examples.0.eror"].message
+    assert by_key["examples.1.error.where"].line == 13
+    assert "known: code, location, text" in by_key["examples.1.error.where"].message
+    assert str(by_key["settings.uid_rot"]).startswith("mappings/m.yaml:8:3 settings.uid_rot: unknown key")
+
+
+def test_input_is_looked_up_among_the_registered_adapters(write_mapping):
+    path = write_mapping("name: x\ninput: fhir_r4\noutput: json\nfields:\n  a: {from: ORC-1}\n")
+    with pytest.raises(MappingConfigError) as err:
+        load_mapping(path)
+    (p,) = err.value.problems
+    assert (p.line, p.key) == (2, "input") and "known: hl7v2" in p.message
+    with pytest.raises(MappingConfigError) as err:
+        load_mapping(path, inputs=("hl7v2", "fhir"))
+    message = err.value.problems[0].message
+    assert "did you mean fhir" in message and "known: fhir, hl7v2" in message
+    m = load_mapping(path, inputs=("hl7v2", "fhir_r4"))
+    assert m.input == "fhir_r4"

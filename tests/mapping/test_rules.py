@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.errors import ProcessingError
+from engine.errors import ProcessingError, ProcessingWarning
 from engine.hl7.er7 import Message
 
 
@@ -93,14 +93,28 @@ def test_inline_map_and_on_missing(mapping, msg):
     assert m.run(msg)[0] == {"known": "new", "dflt": "OT", "keep": "CT", "dflt2": "rule-default", "empty": ""}
 
 
-def test_unknown_code_is_103_by_default(mapping, msg):
+def test_unknown_code_is_103_when_rejected(mapping, msg):
     m = mapping("""
-        x: {from: OBR-24, map: {MR: MR}}
+        x: {from: OBR-24, map: {MR: MR}, on_invalid: reject}
+        y: {from: OBR-24, map: {MR: MR}, required: true}
     """)
     with pytest.raises(ProcessingError) as err:
         m.run(msg)
     assert err.value.code == 103 and err.value.location == "OBR-24"
     assert err.value.source.endswith("m.yaml:5")
+
+
+def test_unknown_code_of_an_optional_target_is_dropped_with_a_warning(mapping, msg):
+    m = mapping("""
+        x: {from: OBR-24, map: {MR: MR}}
+        y: {from: ORC-1}
+    """)
+    warnings: list[ProcessingWarning] = []
+    assert m.run(msg, warnings) == [{"x": "", "y": "NW"}]
+    (w,) = warnings
+    assert (w.code, w.location, w.target, w.source) == (103, "OBR-24", "x", "mappings/m.yaml:5")
+    assert "inline" in w.text and "CT" not in w.text  # names the table, never the value
+    assert m.run(msg) == [{"x": "", "y": "NW"}]  # nobody asked for the warnings: still maps
 
 
 def test_csv_tables_and_chains(mapping, msg):
@@ -153,7 +167,7 @@ def test_for_each_order_resolves_paths_in_the_group(mapping, two_orders):
 
 
 def test_for_each_error_names_the_group(mapping, two_orders):
-    m = mapping("mod: {from: OBR-24, map: {CT: CT}}", header="for_each: ORDER\n")
+    m = mapping("mod: {from: OBR-24, map: {CT: CT}, on_invalid: reject}", header="for_each: ORDER\n")
     with pytest.raises(ProcessingError) as err:
         m.run(Message.parse(two_orders))
     assert err.value.code == 103 and "ORDER group 2" in err.value.text
