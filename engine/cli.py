@@ -327,7 +327,7 @@ def map_cmd(
     failures = 0
     for file in files:
         try:
-            m = load_mapping(file, tables_dir=file.parent / "tables")
+            m = load_mapping(file, tables_dir=file.parent / "tables", inputs=_input_kinds())
         except MappingConfigError as exc:
             for p in exc.problems:
                 err.print(f"[red]error[/red] {p.file}:{p.line}:{p.column} {p.key}: {p.message}", highlight=False)
@@ -346,11 +346,17 @@ def map_cmd(
         raise typer.Exit(1)
 
 
+def _input_kinds() -> list[str]:
+    from engine.runtime.app import default_registry
+
+    return default_registry().known("input")
+
+
 def _map_sample(m: Any, file: Path, sample: Path, charset: str | None, config: Path) -> None:
     """Map every message of the sample file; any failure is one line on stderr and exit 1."""
     from engine.hl7.batch import split_batch_bytes
     from engine.hl7.er7 import Message
-    from engine.mapping import render
+    from engine.mapping import map_message, render, render_warnings
 
     try:
         bodies = split_batch_bytes(sample.read_bytes())
@@ -370,7 +376,8 @@ def _map_sample(m: Any, file: Path, sample: Path, charset: str | None, config: P
                     f"{file.name} takes {', '.join(types)} (channel {', '.join(channels)})",
                     highlight=False, soft_wrap=True,
                 )
-            outputs = m.run(msg)
+            outputs, warnings = map_message(m, msg)
+            warnings = [*msg.warnings, *warnings]  # what reading had to guess, then the mapping's
             text = render(outputs, m.output)
         except Exception as exc:
             hint = ""
@@ -378,6 +385,8 @@ def _map_sample(m: Any, file: Path, sample: Path, charset: str | None, config: P
                 hint = "; if the sender uses another charset without MSH-18, try --charset latin-1"
             _fail(f"{where}: {exc}{hint}")
         console.print(text, highlight=False, markup=False)
+        if warnings:
+            err.print(render_warnings(warnings), highlight=False, markup=False, soft_wrap=True)
 
 
 # -- messages -----------------------------------------------------------------------------------

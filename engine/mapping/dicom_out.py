@@ -70,3 +70,32 @@ def check_output(
         checked = check_item(dataset, required=required, warnings=warnings, locations=locations, source=source)
         return output if checked is dataset else {**output, "dataset": checked}
     return check_item(output, required=required, warnings=warnings, locations=locations, source=source)
+
+
+def output_rules(fields: Any) -> tuple[frozenset[str], dict[str, str]]:
+    """From a dicom mapping's `fields.dataset` rules: the keyword paths marked `required: true`
+    (for check_output's `required`) and each path's first `from:` HL7 location (its ERR-2)."""
+    required: set[str] = set()
+    locations: dict[str, str] = {}
+    dataset = fields.get("dataset") if isinstance(fields, Mapping) else None
+
+    def walk(rules: Any, prefix: str) -> None:
+        if not isinstance(rules, Mapping):
+            return
+        for key, rule in rules.items():
+            path = f"{prefix}{key}"
+            if isinstance(rule, list):  # a sequence: its item rules
+                for item in rule:
+                    walk(item, f"{path}.")
+                continue
+            if not isinstance(rule, Mapping):
+                continue
+            if rule.get("required") is True:
+                required.add(path)
+            source = rule.get("from")
+            first = source[0] if isinstance(source, list) and source else source
+            if isinstance(first, str):
+                locations[path] = first
+
+    walk(dataset, "")
+    return frozenset(required), locations

@@ -24,7 +24,7 @@ A mapping file (one kind of input -> one kind of output):
 from __future__ import annotations
 
 import difflib
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from engine.mapping import paths as hp
 from engine.mapping.compiler import compile_fields
 from engine.mapping.conditions import ConditionError, Predicate, parse_condition
 from engine.mapping.context import CompileContext, Evaluator, Settings, position
+from engine.mapping.dicom_out import check_output, output_rules
 from engine.mapping.formats import FORMATS, FormatRegistry
 from engine.mapping.reading import Scope
 from engine.mapping.schema import GROUP_KINDS, OUTPUTS, ExampleModel, MappingFile, SettingsModel, check
@@ -77,6 +78,7 @@ class Mapping:
         when: Predicate | None,
         examples: list[Example],
         for_each_line: int,
+        check: Callable[[dict[str, Any], list[ProcessingWarning]], dict[str, Any]] | None = None,
     ) -> None:
         self.name = name
         self.description = description
@@ -90,6 +92,7 @@ class Mapping:
         self._build = build
         self._when = when
         self._for_each_source = f"{display}:{for_each_line}"
+        self._check = check  # the output's own value rules (DICOM VRs), applied to every output
 
     def run(self, message: Any, warnings: list[ProcessingWarning] | None = None) -> list[dict[str, Any]]:
         """Map one message: one dict per `for_each` group, or one for the message ([] when `when` is false).
@@ -97,6 +100,13 @@ class Mapping:
         Optional values that were dropped (or read although not sent as HL7 says) are appended
         to `warnings` as ProcessingWarning; without a list they are not kept.
         """
+        if self._check is not None:
+            found: list[ProcessingWarning] = [] if warnings is None else warnings
+            check = self._check
+            return [check(output, found) for output in self._run(message, found)]
+        return self._run(message, warnings)
+
+    def _run(self, message: Any, warnings: list[ProcessingWarning] | None) -> list[dict[str, Any]]:
         whole = Scope(message, message, warnings=warnings)
         if self._when is not None and not self._when(whole):
             return []
@@ -208,6 +218,13 @@ def load_mapping(
         problems.sort(key=lambda p: (p.line, p.column))
         raise MappingConfigError(problems)
     for_each_line = position(data, "for_each")[0] if "for_each" in data else 1
+    vr_check = None
+    if header.output == "dicom":  # every value valid for its VR before anything stores it
+        required, locations = output_rules(data.get("fields"))
+
+        def vr_check(output: dict[str, Any], warnings: list[ProcessingWarning]) -> dict[str, Any]:
+            return check_output(output, required=required, warnings=warnings, locations=locations, source=display)
+
     return Mapping(
         name=header.name or path.stem,
         description=header.description,
@@ -221,6 +238,7 @@ def load_mapping(
         when=when,
         examples=examples,
         for_each_line=for_each_line,
+        check=vr_check,
     )
 
 

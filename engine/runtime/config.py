@@ -359,7 +359,7 @@ def _load_channel_mappings(
             continue
         if file not in cache:
             try:
-                cache[file] = load_mapping(file, tables_dir=mappings_dir / "tables")
+                cache[file] = load_mapping(file, tables_dir=mappings_dir / "tables", inputs=registry.known("input"))
             except MappingConfigError as exc:
                 problems.extend(
                     Problem(_rel(Path(p.file), base), p.line, p.column, p.key, p.message) for p in exc.problems

@@ -136,7 +136,7 @@ class Pipeline:
     ) -> Effects | None:
         mtype = parsed.message_type
         mapping = self.spec.mappings.get(mtype) or self.spec.mappings.get("*")
-        outputs: list[Any] = mapping.run(parsed.view) if mapping is not None else []
+        outputs: list[Any] = mapping.run(parsed.view, warnings) if mapping is not None else []
         targets = [d for d in self.destinations if not d.config.types or mtype in d.config.types]
         if not targets:
             return None
