@@ -8,7 +8,6 @@ only has to never drop a true match.
 
 from __future__ import annotations
 
-import json
 import threading
 import weakref
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from engine.dicom.dataset import build_response
 from engine.dicom.matching import SPS_SEQ, Key, Query, _da_bounds, _make_test, compile_query, matches, matching_steps
-from engine.store.worklist import OPEN_STATUSES, WorklistItem, pn_key
+from engine.store.worklist import OPEN_STATUSES, WorklistItem, load_dataset, pn_key
 
 __all__ = ["candidates_sql", "find", "prepare"]
 
@@ -168,6 +167,6 @@ def find(
 
 def _answers(query: Query, identifier: Dataset, rows: list[Any]) -> Iterator[Dataset]:
     for status, text in rows:
-        item = _with_status(json.loads(text), status)
+        item = _with_status(load_dataset(text), status)
         if matches(query, item):
             yield build_response(identifier, item, steps=matching_steps(query, item), hoisted=query.hoisted)
