@@ -95,14 +95,15 @@ def _load(config: Path, *, load_mappings: bool = True) -> Any:
 
 def _db(config: Path) -> tuple[Any, Any]:
     """(database engine, loaded configuration) for the read-only commands."""
-    from engine.store.crypto import KeyConfigError
+    from engine.store import crypto
     from engine.store.db import init_db, make_engine
 
     loaded = _load(config, load_mappings=False)
     try:
+        crypto.configure(crypto.key_from_env())  # each command reads ENGINE_KEY as it is now
         db = make_engine(loaded.storage_url)
         init_db(db)
-    except KeyConfigError as exc:
+    except crypto.KeyConfigError as exc:
         _fail(str(exc))
     return db, loaded
 
@@ -162,7 +163,7 @@ def run(ctx: typer.Context, config: ConfigOpt = None) -> None:
     from engine.store import crypto
 
     try:
-        crypto.keyring()  # a bad ENGINE_KEY stops here, named, before anything listens
+        crypto.configure(crypto.key_from_env())  # a bad ENGINE_KEY stops here, named, before anything listens
     except crypto.KeyConfigError as exc:
         _fail(str(exc))
     for noisy in ("pynetdicom", "apscheduler"):  # pynetdicom logs identifiers (PHI) at INFO
@@ -724,9 +725,11 @@ def _keyring() -> Any:
     from engine.store import crypto
 
     try:
-        return crypto.keyring()
+        ring = crypto.key_from_env()
     except crypto.KeyConfigError as exc:
         _fail(str(exc))
+    crypto.configure(ring)
+    return ring
 
 
 @keys_app.command("status")
