@@ -41,10 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # `cryptography` (OpenSSL) is loaded only once a key is configured
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     from sqlalchemy import Engine
 
 log = logging.getLogger(__name__)
@@ -113,6 +111,8 @@ class Keyring:
         self._set(current, list(others))
 
     def _set(self, current: bytes | None, others: list[bytes]) -> None:
+        if current or others:
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
         keys = {key_id(k): _Key(key_id(k), AESGCM(k)) for k in ([current] if current else []) + others}
         self.current: _Key | None = keys[key_id(current)] if current else None
         self.keys = keys
@@ -209,7 +209,7 @@ class Keyring:
         key = self._key(kid)
         try:
             return key.aead.decrypt(value[8:HEADER_SIZE], value[HEADER_SIZE:], column)
-        except InvalidTag:
+        except _invalid_tag():
             raise UnreadableValue(f"a value in {column.decode()} does not open with key id {kid.hex()} "
                                   "(damaged, or moved from another column)") from None
 
@@ -239,7 +239,7 @@ class Keyring:
         key = self._key(kid)
         try:
             plain = key.aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], column)
-        except InvalidTag:
+        except _invalid_tag():
             raise UnreadableValue(f"a value in {column.decode()} does not open with key id {kid.hex()} "
                                   "(damaged, or moved from another column)") from None
         return plain.decode("utf-8", "surrogatepass")
@@ -254,6 +254,12 @@ class Keyring:
                                   f"has (configured: {', '.join(k.hex() for k in self.keys) or 'none'}); "
                                   f"set {KEY_ENV}/{OLD_KEYS_ENV} or {KEYRING_ENV}")
         return key
+
+
+def _invalid_tag() -> type[Exception]:
+    from cryptography.exceptions import InvalidTag
+
+    return InvalidTag
 
 
 def stored_key_id(value: bytes | str) -> str:
