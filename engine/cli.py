@@ -19,12 +19,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from engine.configfile import ConfigError
+from engine.terminal import terminal_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Imaging integration engine (HL7, FHIR, DICOM).")
 messages_app = typer.Typer(help="Stored messages: list, show, replay.")
 app.add_typer(messages_app, name="messages")
+keys_app = typer.Typer(help="Encryption at rest (ENGINE_KEY): new key, status, rotate.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 # piped output (scripts, `| less`) gets wide tables instead of rich's 80-column default
 console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
@@ -91,17 +95,36 @@ def _load(config: Path, *, load_mappings: bool = True) -> Any:
 
 def _db(config: Path) -> tuple[Any, Any]:
     """(database engine, loaded configuration) for the read-only commands."""
+    from engine.store import crypto
     from engine.store.db import init_db, make_engine
 
     loaded = _load(config, load_mappings=False)
-    db = make_engine(loaded.storage_url)
-    init_db(db)
+    try:
+        crypto.configure(crypto.key_from_env())  # each command reads ENGINE_KEY as it is now
+        db = make_engine(loaded.storage_url)
+        init_db(db)
+    except crypto.KeyConfigError as exc:
+        _fail(str(exc))
     return db, loaded
+
+
+def _cell(value: Any) -> Text:
+    """A table cell from stored content: no markup, no control characters."""
+    return Text(terminal_text("" if value is None else str(value)))
+
+
+def _content(text: str | bytes | None) -> None:
+    """Print message content (a stored body, an ACK): segment breaks as lines, controls tagged."""
+    console.print(terminal_text(text, lines=True), highlight=False, markup=False, emoji=False)
+
+
+def _stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
 
 
 def _fail(text: str) -> NoReturn:
     """One line on stderr and exit 1: what a new user reads instead of a traceback."""
-    err.print(f"[red]error[/red] {escape(text)}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error[/red] {escape(terminal_text(text))}", highlight=False, soft_wrap=True, emoji=False)
     raise typer.Exit(1)
 
 
@@ -151,6 +174,12 @@ def run(ctx: typer.Context, config: ConfigOpt = None) -> None:
     """Start every enabled channel, the DICOM worklist SCP and the scheduled jobs."""
     loaded = _load(_config_path(ctx, config))
     logging.basicConfig(level=loaded.engine.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from engine.store import crypto
+
+    try:
+        crypto.configure(crypto.key_from_env())  # a bad ENGINE_KEY stops here, named, before anything listens
+    except crypto.KeyConfigError as exc:
+        _fail(str(exc))
     for noisy in ("pynetdicom", "apscheduler"):  # pynetdicom logs identifiers (PHI) at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from engine.runtime.app import EngineApp, default_registry
@@ -225,13 +254,14 @@ def send(
                 except (MLLPError, OSError) as exc:
                     counts["failed"] += 1
                     if single:
-                        err.print(f"failed: {type(exc).__name__}: {exc}")
+                        err.print(f"failed: {type(exc).__name__}: {terminal_text(str(exc))}", highlight=False,
+                                  markup=False, emoji=False)
                 else:
                     counts["sent"] += 1
                     code = _msa1(reply)
                     counts[code if code in counts else "other"] += 1
                     if single:
-                        console.print(reply.decode("latin-1").replace("\r", "\n"), highlight=False)
+                        _content(reply.decode("latin-1"))
                 if progress is not None:
                     progress.advance(task)
         finally:
@@ -384,9 +414,10 @@ def _map_sample(m: Any, file: Path, sample: Path, charset: str | None, config: P
             if "not valid" in str(exc) and charset is None:
                 hint = "; if the sender uses another charset without MSH-18, try --charset latin-1"
             _fail(f"{where}: {exc}{hint}")
-        console.print(text, highlight=False, markup=False)
+        console.print(terminal_text(text, lines=True), highlight=False, markup=False, emoji=False)
         if warnings:
-            err.print(render_warnings(warnings), highlight=False, markup=False, soft_wrap=True)
+            err.print(terminal_text(render_warnings(warnings), lines=True), highlight=False, markup=False,
+                      soft_wrap=True)
 
 
 # -- messages -----------------------------------------------------------------------------------
@@ -514,12 +545,12 @@ def messages_list(
         table.add_row(
             str(r["id"]),
             r["received_at"].strftime("%Y-%m-%d %H:%M:%S"),
-            r["channel"],
-            r["message_type"],
-            r["control_id"],
-            r["status"],
+            _cell(r["channel"]),
+            _cell(r["message_type"]),
+            _cell(r["control_id"]),
+            _cell(r["status"]),
             str(count) if count else "",
-            (r["error"] or "")[:60],
+            _cell((r["error"] or "")[:60]),
         )
     console.print(table)
 
@@ -528,58 +559,88 @@ MessageIdArg = Annotated[int, typer.Argument(help="message id (the first column 
 
 
 @messages_app.command("show")
-def messages_show(ctx: typer.Context, message_id: MessageIdArg, config: ConfigOpt = None) -> None:
-    """Print one message: raw text, segments, the ACK sent, its warnings and each delivery's state."""
+def messages_show(
+    ctx: typer.Context,
+    message_id: MessageIdArg,
+    raw_bytes: Annotated[
+        bool, typer.Option("--raw", help="write only the stored bytes, exactly as received (to a file or a pipe, "
+                                         "never to a terminal)")
+    ] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Print one message: raw text, segments, the ACK sent, its warnings and each delivery's state.
+
+    Control characters and bytes that are not text are shown as tags (<ESC>, <0xFF>): a sender's
+    message never reaches the terminal as escape sequences."""
     from engine.hl7.er7 import Message
+    from engine.store.crypto import UnreadableValue
     from engine.store.messages import get_message
     from engine.store.queue import deliveries_for
 
+    if raw_bytes and _stdout_is_terminal():
+        _fail("--raw writes the message's bytes as received and stdout is a terminal: redirect it "
+              f"(engine messages show {message_id} --raw > message.hl7) or pipe it (| xxd)")
     db, _ = _db(_config_path(ctx, config))
-    row = get_message(db, message_id)
+    try:
+        row = get_message(db, message_id)
+    except UnreadableValue as exc:
+        _fail(f"message {message_id}: {exc}")
     if row is None:
         _fail(f"no message {message_id}")
-    console.print(
-        f"[bold]message {row['id']}[/bold] channel={row['channel']} type={row['message_type']} "
-        f"control_id={row['control_id']} status={row['status']} received={row['received_at']}"
+    raw = row["raw"]
+    if raw_bytes:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(raw)
+        sys.stdout.buffer.flush()
+        return
+    head = Text.assemble(
+        (f"message {row['id']}", "bold"),
+        f" channel={terminal_text(row['channel'])} type={terminal_text(row['message_type'])} "
+        f"control_id={terminal_text(row['control_id'])} status={terminal_text(row['status'])} "
+        f"received={row['received_at']}",
     )
+    console.print(head, highlight=False)
     if row["error"]:
-        console.print(
-            f"[red]error[/red] {escape(row['error'])} (code {row['error_code']}, {row['error_location'] or '-'})",
-            highlight=False,
-        )
+        console.print(Text.assemble(
+            ("error", "red"),
+            f" {terminal_text(row['error'])} (code {row['error_code']}, {terminal_text(row['error_location']) or '-'})",
+        ), highlight=False)
     if row["flags"]:
-        console.print(f"flags: {row['flags']}")
+        console.print(Text(f"flags: {terminal_text(row['flags'])}"), highlight=False)
     warnings = _warnings(row)
     if warnings:
         console.print(f"warnings: {len(warnings)}", highlight=False)
         for w in warnings:
-            console.print(f"  [yellow]warning[/yellow] {escape(_warning_line(w))}", highlight=False)
-    raw = row["raw"]
-    console.rule("raw")
-    console.print(raw.decode("utf-8", errors="replace").replace("\r", "\n"), highlight=False, markup=False)
+            console.print(Text.assemble("  ", ("warning", "yellow"), f" {terminal_text(_warning_line(w))}"),
+                          highlight=False)
     try:
         msg = Message.parse(raw)
     except Exception as exc:
-        console.print(f"(not parseable: {exc})", highlight=False, markup=False)
+        msg = None
+        problem = str(exc)
+    console.rule("raw")
+    _content(raw.decode(msg.codec if msg is not None else "utf-8", "surrogateescape"))
+    if msg is None:
+        console.print(Text(f"(not parseable: {terminal_text(problem)})"), highlight=False)
     else:
         console.rule("segments")
         for seg in msg.segments():
             for i, value in enumerate(seg.fields[1:], start=1):
                 if value:
-                    console.print(f"{seg.name}-{i}: {value}", highlight=False, markup=False)
+                    console.print(Text(f"{terminal_text(seg.name)}-{i}: {terminal_text(value)}"), highlight=False)
     console.rule("ACK sent")
-    console.print((row["ack"] or "(none)").replace("\r", "\n"), highlight=False, markup=False)
+    _content(row["ack"] or "(none)")
     console.rule("deliveries")
     table = Table("id", "destination", "state", "attempts", "next attempt", "last error", "response")
-    for d in deliveries_for(db, message_id):
+    for d in deliveries_for(db, message_id, payloads=False):
         table.add_row(
             str(d["id"]),
-            d["destination"],
-            d["state"],
+            _cell(d["destination"]),
+            _cell(d["state"]),
             str(d["attempts"]),
             str(d["next_attempt_at"]),
-            d["last_error"][:60],
-            d["response"][:40].replace("\r", " "),
+            _cell(d["last_error"][:60]),
+            _cell(d["response"][:40].replace("\r", " ")),
         )
     console.print(table)
 
@@ -596,12 +657,16 @@ def messages_replay(
     config: ConfigOpt = None,
 ) -> None:
     """Queue a message's dead deliveries again (the running engine sends them), or --reprocess it."""
+    from engine.store.crypto import UnreadableValue
     from engine.store.messages import get_message
     from engine.store.queue import revive
 
     path = _config_path(ctx, config)
     db, _ = _db(path)
-    missing = [mid for mid in message_ids if get_message(db, mid) is None]
+    try:
+        missing = [mid for mid in message_ids if get_message(db, mid) is None]
+    except UnreadableValue as exc:
+        _fail(str(exc))
     for mid in missing:
         err.print(f"[red]error[/red] no message {mid}", highlight=False)
     present = [mid for mid in message_ids if mid not in missing]
@@ -665,9 +730,77 @@ def worklist(
         return
     table = Table("id", "accession", "patient id", "date", "time", "modality", "station", "status", "order")
     for r in rows:
-        table.add_row(str(r["id"]), r["accession_number"], r["patient_id"], r["sps_start_date"], r["sps_start_time"],
-                      r["modality"], r["station_aet"], r["status"], r["filler_order"] or r["placer_order"])
+        table.add_row(str(r["id"]), *(_cell(r[k]) for k in ("accession_number", "patient_id", "sps_start_date",
+                                                          "sps_start_time", "modality", "station_aet", "status")),
+                      _cell(r["filler_order"] or r["placer_order"]))
     console.print(table)
+
+
+# -- keys ---------------------------------------------------------------------------------------
+@keys_app.command("new")
+def keys_new() -> None:
+    """Print a fresh random key for ENGINE_KEY (or a line of the ENGINE_KEYRING file)."""
+    from engine.store.crypto import new_key
+
+    sys.stdout.write(new_key() + "\n")
+
+
+def _keyring() -> Any:
+    from engine.store import crypto
+
+    try:
+        ring = crypto.key_from_env()
+    except crypto.KeyConfigError as exc:
+        _fail(str(exc))
+    crypto.configure(ring)
+    return ring
+
+
+@keys_app.command("status")
+def keys_status(ctx: typer.Context, config: ConfigOpt = None) -> None:
+    """The configured key ids and how many stored values each key (or none: clear) seals."""
+    from engine.store.rekey import key_counts
+
+    ring = _keyring()
+    db, _ = _db(_config_path(ctx, config))
+    current = ring.current_id()
+    console.print(f"current key id: {current or '(none: new values are stored unencrypted)'}", highlight=False)
+    for kid in ring.keys:
+        if kid.hex() != current:
+            console.print(f"old key id (reading only): {kid.hex()}", highlight=False)
+    table = Table("column", "sealed with", "rows")
+    for column, counts in key_counts(db).items():
+        for kid_hex, n in sorted(counts.items()):
+            label = kid_hex if kid_hex == "clear" else (
+                f"{kid_hex} (current)" if kid_hex == current else
+                f"{kid_hex} (old)" if bytes.fromhex(kid_hex) in ring.keys else f"{kid_hex} (NOT CONFIGURED)")
+            table.add_row(column, _cell(label), str(n))
+    console.print(table)
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    ctx: typer.Context,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="rows per transaction")] = 200,
+    config: ConfigOpt = None,
+) -> None:
+    """Re-encrypt every stored value with the current key, beside a running engine.
+
+    Set the new key as ENGINE_KEY and the old one(s) as ENGINE_KEY_OLD (or put the new key first in
+    the ENGINE_KEYRING file); values stored unencrypted are encrypted too."""
+    from engine.store import crypto
+    from engine.store.rekey import rotate
+
+    ring = _keyring()
+    if not ring.encrypting:
+        _fail(f"{crypto.KEY_ENV} is not set: there is no key to rotate to (make one with `engine keys new`)")
+    db, _ = _db(_config_path(ctx, config))
+    try:
+        done = rotate(db, ring, batch=batch)
+    except crypto.UnreadableValue as exc:
+        _fail(f"rotation stopped: {exc}")
+    for column, n in done.items():
+        console.print(f"{column}: {n} value(s) re-encrypted with key id {ring.current_id()}", highlight=False)
 
 
 def main() -> None:  # pragma: no cover

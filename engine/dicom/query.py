@@ -8,7 +8,6 @@ only has to never drop a true match.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -19,7 +18,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from engine.dicom.dataset import build_response
 from engine.dicom.matching import SPS_SEQ, Key, Query, _da_bounds, _make_test, compile_query, matches, matching_steps
 from engine.store.db import make_read_engine
-from engine.store.worklist import OPEN_STATUSES, WorklistItem, pn_key
+from engine.store.worklist import OPEN_STATUSES, WorklistItem, load_dataset, pn_key
 
 __all__ = ["candidates_sql", "find", "prepare"]
 
@@ -139,6 +138,6 @@ def find(
 
 def _answers(query: Query, identifier: Dataset, rows: Sequence[Any]) -> Iterator[Dataset]:
     for status, text in rows:
-        item = _with_status(json.loads(text), status)
+        item = _with_status(load_dataset(text), status)
         if matches(query, item):
             yield build_response(identifier, item, steps=matching_steps(query, item), hoisted=query.hoisted)

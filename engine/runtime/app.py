@@ -19,7 +19,7 @@ from engine.runtime.destinations.base import QueuedDestination
 from engine.runtime.pipeline import Pipeline
 from engine.runtime.registry import Registry
 from engine.runtime.sources.base import Endpoint, Source
-from engine.store import queue
+from engine.store import crypto, queue
 from engine.store.db import init_db, make_engine
 from engine.store.writer import Writer
 
@@ -69,6 +69,7 @@ class EngineApp:
         cfg = self.config.engine
         self.db = make_engine(self.config.storage_url)
         await asyncio.to_thread(init_db, self.db)
+        crypto.announce()  # once per start: encrypted at rest with key id ..., or PHI stored unencrypted
         if self.db.dialect.name == "sqlite":  # one process owns the file: old claims are a dead process's
             released = await asyncio.to_thread(queue.release_claims, self.db)
             if released:

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
 from sqlmodel import SQLModel
+
+from engine.store import files
 
 
 def is_sqlite(url: str) -> bool:
@@ -25,8 +28,26 @@ def sqlite_url_for(path: Path) -> str:
     return f"sqlite:///{path.resolve()}"
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The store file of a SQLite URL (None for an in-memory one)."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def _private_store(path: Path) -> None:
+    """The store file and its folder created 0700/0600 before SQLite opens them (SQLite gives
+    the -wal and -shm files the database file's mode; they are chmod-ed on connect as well)."""
+    files.private_dir(path.parent)
+    files.private_file(path)
+
+
 def make_engine(url: str, *, pool_size: int = 8) -> Engine:
     if is_sqlite(url):
+        store = sqlite_file(url)
+        if store is not None:
+            _private_store(store)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -39,6 +60,9 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA cache_size=-16384")  # 16 MiB of pages per connection, then flat
             cur.close()
+            if store is not None:
+                for suffix in ("-wal", "-shm"):
+                    files.restrict(store.with_name(store.name + suffix))
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
@@ -96,3 +120,6 @@ def init_db(engine: Engine) -> None:
     from engine.store import schema  # noqa: F401  (imports every table module)
 
     SQLModel.metadata.create_all(engine)
+    from engine.store import crypto
+
+    crypto.check_store(engine)  # a wrong ENGINE_KEY is refused here, at start

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
+from engine.store import crypto
 from engine.store.models import Message
 
 MESSAGES = Message.__table__  # type: ignore[attr-defined]
@@ -65,4 +66,8 @@ def list_messages(engine: Engine, f: MessageFilter) -> list[dict[str, Any]]:
 def get_message(engine: Engine, message_id: int) -> dict[str, Any] | None:
     with engine.connect() as conn:
         row = conn.execute(select(MESSAGES).where(MESSAGES.c.id == message_id)).mappings().first()
-    return dict(row) if row else None
+    if row is None:
+        return None
+    found = dict(row)
+    found["raw"] = crypto.open_value(found["raw"], crypto.RAW)  # the body as received, opened if sealed
+    return found

@@ -8,6 +8,7 @@ stuck in `doing` longer than the stall timeout (its worker died) becomes eligibl
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,7 +17,13 @@ from typing import Any
 from sqlalchemy import Engine, and_, exists, select, update
 from sqlalchemy.orm import aliased
 
+from engine.store import crypto
 from engine.store.models import Delivery, DeliveryState, Message, utcnow
+
+log = logging.getLogger(__name__)
+
+# a payload no configured key opens waits this long before it is tried again (the keyring may be fixed)
+UNREADABLE_WAIT = timedelta(minutes=1)
 
 DELIVERIES = Delivery.__table__  # type: ignore[attr-defined]
 MESSAGES = Message.__table__  # type: ignore[attr-defined]
@@ -97,9 +104,31 @@ def claim(
                 DELIVERIES.c.content_type,
             )
         ).all()
-    claimed = [ClaimedDelivery(*row) for row in rows]
+    claimed = _opened(engine, [ClaimedDelivery(*row) for row in rows])
     claimed.sort(key=lambda d: d.id)
     return claimed
+
+
+def _opened(engine: Engine, claimed: list[ClaimedDelivery]) -> list[ClaimedDelivery]:
+    """Payloads opened (ENGINE_KEY); one that no configured key opens goes back to `pending` with the
+    reason, tried again later, and is not handed to a destination."""
+    ready: list[ClaimedDelivery] = []
+    for d in claimed:
+        try:
+            d.payload = crypto.open_value(d.payload, crypto.PAYLOAD)
+        except crypto.UnreadableValue as exc:
+            log.error("delivery %s (message %s) cannot be opened: %s", d.id, d.message_id, exc)
+            now = utcnow()
+            with engine.begin() as conn:
+                conn.execute(
+                    update(DELIVERIES)
+                    .where(DELIVERIES.c.id == d.id)
+                    .values(state=DeliveryState.PENDING, next_attempt_at=now + UNREADABLE_WAIT, updated_at=now,
+                            last_error=str(exc)[:2000])
+                )
+            continue
+        ready.append(d)
+    return ready
 
 
 @dataclass
@@ -170,11 +199,17 @@ def revive(engine: Engine, message_id: int) -> int:
     return int(result.rowcount or 0)
 
 
-def deliveries_for(engine: Engine, message_id: int) -> list[dict[str, Any]]:
+def deliveries_for(engine: Engine, message_id: int, *, payloads: bool = True) -> list[dict[str, Any]]:
+    """A message's deliveries, oldest first; each payload opened (ENGINE_KEY), or left out."""
+    cols = [c for c in DELIVERIES.columns if payloads or c.name != "payload"]
     with engine.connect() as conn:
         rows = (
-            conn.execute(select(DELIVERIES).where(DELIVERIES.c.message_id == message_id).order_by(DELIVERIES.c.id))
+            conn.execute(select(*cols).where(DELIVERIES.c.message_id == message_id).order_by(DELIVERIES.c.id))
             .mappings()
             .all()
         )
-    return [dict(r) for r in rows]
+    found = [dict(r) for r in rows]
+    if payloads:
+        for d in found:
+            d["payload"] = crypto.open_value(d["payload"], crypto.PAYLOAD)
+    return found

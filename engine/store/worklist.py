@@ -21,6 +21,7 @@ from sqlalchemy import DateTime, Index, String, Text, and_, delete, insert, or_,
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, SQLModel
 
+from engine.store import crypto
 from engine.store.fastsql import RawInsert, RawSelect, cached
 from engine.store.models import utcnow
 
@@ -35,6 +36,7 @@ __all__ = [
     "find_item",
     "insert_item",
     "insert_many",
+    "load_dataset",
     "merge_patient",
     "normalize_da",
     "normalize_tm",
@@ -188,7 +190,13 @@ def columns_for(dataset: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _dump(dataset: Mapping[str, Any]) -> str:
-    return json.dumps(dataset, ensure_ascii=False, separators=(",", ":"))
+    """The stored form of a dataset: JSON, sealed when ENGINE_KEY is set."""
+    return crypto.seal_text(json.dumps(dataset, ensure_ascii=False, separators=(",", ":")), crypto.DATASET)
+
+
+def load_dataset(stored: str) -> Any:
+    """A `dataset_json` column value as the item dict (opened if sealed): for every reader."""
+    return json.loads(crypto.open_text(stored, crypto.DATASET))
 
 
 def find_items(
@@ -218,6 +226,7 @@ def find_items(
         params.append(sps_id)
     rows = cached(RawSelect, T, conn.dialect, tuple(where)).rows(conn, params)
     for row in rows:
+        row["dataset_json"] = crypto.open_text(row["dataset_json"], crypto.DATASET)
         row["dataset"] = json.loads(row["dataset_json"])
     return rows
 
@@ -298,7 +307,7 @@ def set_status(conn: Connection, item_id: int, status: str, *, now: datetime | N
     row = conn.execute(select(T.c.dataset_json).where(T.c.id == item_id)).first()
     if row is None:
         return
-    dataset = json.loads(row[0])
+    dataset = load_dataset(row[0])
     for sps in dataset.get(SPS_SEQ) or []:
         if isinstance(sps, dict) and "ScheduledProcedureStepStatus" in sps:
             sps["ScheduledProcedureStepStatus"] = status
@@ -320,7 +329,7 @@ def _patient_where(patient_id: str, issuer: str) -> Any:
 def _rewrite_open_items(conn: Connection, where: Any, changes: Mapping[str, Any], now: datetime | None) -> int:
     rows = conn.execute(select(T.c.id, T.c.dataset_json).where(where)).all()
     for item_id, text in rows:
-        dataset = json.loads(text)
+        dataset = load_dataset(text)
         for key, value in changes.items():
             if value is None:
                 continue

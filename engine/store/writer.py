@@ -27,6 +27,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from engine.errors import APPLICATION_INTERNAL_ERROR, ProcessingError, ProcessingWarning
+from engine.store import crypto
 from engine.store.fastsql import RawInsert, Savepoint, marker, raw_select
 from engine.store.models import Delivery, Message, MessageStatus, utcnow
 
@@ -377,7 +378,7 @@ class Writer:
                             "state": "pending",
                             "attempts": 0,
                             "next_attempt_at": now,
-                            "payload": p.body,
+                            "payload": crypto.seal(p.body, crypto.PAYLOAD),
                             "content_type": p.content_type,
                             "last_error": "",
                             "response": "",
@@ -422,7 +423,7 @@ class Writer:
             "message_type": column_text(unit.message_type, cut["message_type"]),
             "patient_id": column_text(unit.patient_id, cut["patient_id"]),
             "body_hash": digest,
-            "raw": unit.raw,
+            "raw": crypto.seal(unit.raw, crypto.RAW),  # sealed when ENGINE_KEY is set
             "received_at": unit.received_at,
             "processed_at": utcnow(),
             "status": status,

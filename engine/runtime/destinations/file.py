@@ -1,7 +1,8 @@
 """Write the raw message, or the mapped outputs as JSON, into a folder.
 
 Queued like any remote delivery; the file is written to a temporary name, fsynced and renamed,
-so a reader never sees half a file and a re-delivery after a crash rewrites the same name.
+so a reader never sees half a file and a re-delivery after a crash rewrites the same name. Files
+are 0600 and folders the engine creates 0700, whatever the umask (they hold PHI).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from engine.runtime.destinations.base import (
     QueuedDestination,
 )
 from engine.runtime.registry import Registry
+from engine.store import files
 
 # file name extension by content type; anything else is written as .bin
 EXTENSIONS = {"x-application/hl7-v2+er7": "hl7", "application/json": "json", "application/fhir+json": "json"}
@@ -50,7 +52,7 @@ class FileDestination(QueuedDestination):
         self.folder = folder if folder.is_absolute() or base_dir is None else Path(base_dir) / folder
 
     async def start(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        files.private_dir(self.folder)
 
     def payloads(self, ctx: MessageContext, outputs: list[Any]) -> list[Payload]:
         # files need no order among themselves: a key per message keeps the queue parallel
@@ -72,9 +74,9 @@ class FileDestination(QueuedDestination):
         return DeliveryOutcome(ok=True, response=name)
 
     def _write(self, path: Path, body: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        files.private_dir(path.parent)
         tmp = path.with_name(path.name + ".part")
-        with open(tmp, "wb") as fh:
+        with open(files.open_private(tmp), "wb") as fh:
             fh.write(body)
             if self.config.fsync:
                 fh.flush()
