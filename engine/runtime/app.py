@@ -67,6 +67,9 @@ class EngineApp:
 
     async def start(self) -> None:
         cfg = self.config.engine
+        st = cfg.storage
+        if st.key or st.key_old or st.keyring:  # else the keyring the CLI (or the environment) set
+            crypto.configure(crypto.Keyring.from_settings(st.key, st.key_old, st.keyring))
         self.db = make_engine(self.config.storage_url)
         await asyncio.to_thread(init_db, self.db)
         crypto.announce()  # once per start: encrypted at rest with key id ..., or PHI stored unencrypted

@@ -32,6 +32,10 @@ class StorageConfig(Strict):
     sqlite_file: str = "engine.db"
     dedupe_window_hours: float = 168.0
     max_batch: int = Field(512, ge=1)
+    # at-rest encryption (engine.store.crypto); never echoed in an error
+    key: str = Field("", repr=False)  # ENGINE_KEY: base64 of 32 bytes; empty: PHI stored unencrypted
+    key_old: str = Field("", repr=False)  # ENGINE_KEY_OLD: older keys, for reading only (rotation)
+    keyring: str = ""  # ENGINE_KEYRING: a 0600 key file instead, first line current
 
 
 class DicomConfig(Strict):
