@@ -63,7 +63,7 @@ ITEMS = WorklistItem.__table__  # type: ignore[attr-defined]
 FEATURES = {
     "warnings": "needs ProcessingWarning + on_invalid: drop in the mapping rules (optional values dropped)",
     "iso": "needs ISO-8601 timestamps read where an HL7 DTM is expected, with a warning",
-    "vr": "needs DICOM VR length/charset checks at the output (cut or drop with a warning)",
+    "vr": "needs DICOM VR checks at the output (engine.dicom.vr; the pipeline passes the mapping's required targets)",
     "groups": "needs order groups owning their Z-segments (no ZDS fallback to another order)",
     "tolerant": "needs tolerant parsing (undeclared Latin-1 decoded as a fallback charset)",
 }

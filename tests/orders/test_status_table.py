@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -51,8 +52,18 @@ def destination(**config: Any) -> WorklistDestination:
     return WorklistDestination(WorklistDestinationConfig(name="wl", type="worklist", **config))
 
 
+def context() -> MessageContext:
+    """A context by field name (the pipeline rewrite renames `message` to `view`, adds `patient_id`)."""
+    values: dict[str, Any] = {
+        "channel": "ris-orders", "raw": b"", "message": None, "view": None, "message_type": "ORM^O01",
+        "control_id": "MSG1", "patient_id": "P1", "received_at": datetime(2026, 11, 1, tzinfo=UTC),
+    }
+    names = {f.name for f in dataclasses.fields(MessageContext) if f.init}
+    return MessageContext(**{k: v for k, v in values.items() if k in names})
+
+
 def apply(db: Engine, *outputs: dict[str, Any], dest: WorklistDestination | None = None) -> None:
-    ctx = MessageContext("ris-orders", b"", None, "ORM^O01", "MSG1", datetime(2026, 11, 1))
+    ctx = context()
     with db.begin() as conn:
         (dest or destination()).apply(conn, ctx, list(outputs))
 
