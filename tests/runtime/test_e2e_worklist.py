@@ -921,15 +921,20 @@ async def test_resend_of_the_same_control_id_gets_the_same_ack_and_one_item(runn
     assert len(rows(app)) == 1
 
 
+NO_ORDER_NUMBERS = {"ORC-2": "", "ORC-3": "", "OBR-2": "", "OBR-3": ""}
+
+
 @pytest.mark.parametrize(
     ("fields", "zds", "location", "erl"),
     [
         pytest.param({"PID-3": ""}, True, "PID-3.1", "PID^1^3^1^1", id="no PID-3"),
         pytest.param({"PID-5": ""}, True, "PID-5", "PID^1^5^1", id="no patient name"),
-        # without ZDS-1 the study UID is derived from the accession number, which is then required
-        pytest.param({"OBR-18": ""}, False, "OBR-18", "OBR^1^18^1", id="no accession for the study UID"),
-        # RequestedProcedureID falls back to the accession number: with neither, it is missing
-        pytest.param({"OBR-18": "", "OBR-19": ""}, True, "OBR-19", "OBR^1^19^1", id="no accession, no OBR-19"),
+        # without ZDS-1 the study UID is derived from the accession number, else the filler, else the
+        # placer number: with none of them it is missing (tests/orders/no_obr18_* map with one)
+        pytest.param({"OBR-18": "", **NO_ORDER_NUMBERS}, False, "OBR-18", "OBR^1^18^1", id="nothing for the study UID"),
+        # RequestedProcedureID falls back to the accession, filler and placer numbers: with none, it is missing
+        pytest.param({"OBR-18": "", "OBR-19": "", **NO_ORDER_NUMBERS}, True, "OBR-19", "OBR^1^19^1",
+                     id="no accession, no OBR-19, no order numbers"),
         pytest.param({"ORC-7": "", "OBR-27": ""}, True, "ORC-7.4.1", "ORC^1^7^1^4^1", id="no scheduled time"),
     ],
 )

@@ -4,8 +4,10 @@ Each mapped output is one ORDER group ({"control": {"order_control", "order_stat
 or one ADT event ({"control": {"event": "A08"|"A40", ...}, "dataset"}).
 
 - ORC-1 + "_" + ORC-5 picks the step status from `status_map` (dcm4chee defaults: NW_SC, NW_IP,
-  XO_SC -> SCHEDULED; CA_CA -> CANCELLED; DC_CA -> DISCONTINUED; XO_CM -> COMPLETED). A pair
-  with no entry is refused (AE 103 at ORC-1; 101 when ORC-1 is empty) and nothing changes.
+  XO_SC -> SCHEDULED; CA_CA -> CANCELLED; DC_CA -> DISCONTINUED; XO_CM -> COMPLETED); with ORC-5
+  empty (most senders leave it so) and no pair, ORC-1's own entry does (NW, XO -> SCHEDULED;
+  CA -> CANCELLED; DC -> DISCONTINUED). Neither: refused (AE 103 at ORC-1; 101 when ORC-1 is
+  empty) and nothing changes.
 - Order identity: the filler order number (ORC-3, the RIS's own number) when present, else the
   placer order number (ORC-2) narrowed by the accession number when there is one. Within an
   order, a step is found by its SPS ID (or is the order's only step).
@@ -51,17 +53,23 @@ from engine.store.worklist import (
     update_patient,
 )
 
-__all__ = ["DEFAULT_STATUS_MAP", "WorklistDestination", "WorklistDestinationConfig", "register"]
+__all__ = ["DEFAULT_STATUS_MAP", "WorklistDestination", "WorklistDestinationConfig", "register", "step_status"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STATUS_MAP: dict[str, str] = {
+    # ORC-1_ORC-5 pairs (dcm4chee-arc's defaults, IHE RAD-4/RAD-13)
     "NW_SC": StepStatus.SCHEDULED.value,
     "NW_IP": StepStatus.SCHEDULED.value,
     "XO_SC": StepStatus.SCHEDULED.value,
     "CA_CA": StepStatus.CANCELLED.value,
     "DC_CA": StepStatus.DISCONTINUED.value,
     "XO_CM": StepStatus.COMPLETED.value,
+    # ORC-1 alone, used when ORC-5 is empty and no pair matches: most RIS leave ORC-5 empty
+    "NW": StepStatus.SCHEDULED.value,
+    "XO": StepStatus.SCHEDULED.value,  # an update of the order
+    "CA": StepStatus.CANCELLED.value,
+    "DC": StepStatus.DISCONTINUED.value,
 }
 _STATUSES = {s.value for s in StepStatus}
 
@@ -77,6 +85,16 @@ class WorklistDestinationConfig(DestinationConfig):
         if bad:
             raise ValueError(f"unknown step status {bad}; use one of {sorted(_STATUSES)}")
         return {k.upper(): v for k, v in value.items()}
+
+
+def step_status(status_map: dict[str, str], order_control: str, order_status: str) -> str | None:
+    """The step status for ORC-1 + ORC-5: the pair's entry; with ORC-5 empty and no pair, ORC-1's
+    own entry; else None (refused). A sent ORC-5 without a pair (NW_CM, XO_CA) contradicts ORC-1,
+    so it is refused rather than guessed."""
+    status = status_map.get(f"{order_control}_{order_status}")
+    if status is None and not order_status:
+        status = status_map.get(order_control)
+    return status
 
 
 def _text(value: Any) -> str:
@@ -110,7 +128,7 @@ class WorklistDestination(LocalDestination):
         os_ = _text(control.get("order_status")).upper()
         if not oc:
             raise ProcessingError("order control code missing", REQUIRED_FIELD_MISSING, "ORC-1")
-        status = self.config.status_map.get(f"{oc}_{os_}")
+        status = step_status(self.config.status_map, oc, os_)
         if status is None:
             raise ProcessingError(
                 f"order control {oc} with order status {os_ or '(empty)'} is not configured",
