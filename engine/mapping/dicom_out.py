@@ -74,7 +74,7 @@ def check_output(
 
 def output_rules(fields: Any) -> tuple[frozenset[str], dict[str, str]]:
     """From a dicom mapping's `fields.dataset` rules: the keyword paths marked `required: true`
-    (for check_output's `required`) and each path's first `from:` HL7 location (its ERR-2)."""
+    (for check_output's `required`) and, where a rule reads one field, its HL7 location (ERR-2)."""
     required: set[str] = set()
     locations: dict[str, str] = {}
     dataset = fields.get("dataset") if isinstance(fields, Mapping) else None
@@ -93,9 +93,10 @@ def output_rules(fields: Any) -> tuple[frozenset[str], dict[str, str]]:
             if rule.get("required") is True:
                 required.add(path)
             source = rule.get("from")
-            first = source[0] if isinstance(source, list) and source else source
-            if isinstance(first, str):
-                locations[path] = first
+            if isinstance(source, list) and len(source) == 1:
+                source = source[0]
+            if isinstance(source, str):  # of a chain, which field gave the value is not known here
+                locations[path] = source
 
     walk(dataset, "")
     return frozenset(required), locations

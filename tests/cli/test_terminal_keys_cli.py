@@ -50,7 +50,8 @@ def test_show_and_list_print_no_control_characters(cli) -> None:  # type: ignore
     mid = add_hostile(cli)
     out = cli("messages", "show", str(mid), "-c", CONFIG).stdout
     assert not any(c in out for c in TERMINAL_CONTROLS), repr(out)
-    assert "Doe<ESC>]0;owned<BEL>^Jane<U+009B>31m<0xFF>" in out
+    # no MSH-18 and not UTF-8: read as Windows-1252 (so C2 9B is "Â›"); the ESC and BEL are tagged
+    assert "Doe<ESC>]0;owned<BEL>^Jane\u00c2\u203a31m\u00ff" in out
     assert "control_id=C<ESC>[2J1" in out and "MSA|AE|C<ESC>[2J1" in out and "bad <ESC>[31m value" in out
     assert "PID|1||100234^^^HOSP^MR||Doe" in out.replace("\n", "")  # segment breaks shown as line breaks
     listed = cli("messages", "-c", CONFIG).stdout

@@ -39,7 +39,8 @@ def test_a_clean_message_has_no_warnings(worklist):
 def test_optional_values_outside_their_table_are_dropped_with_warnings(worklist):
     text = CT.replace("|19800512|F|", "|19800512|M-|").replace(ORC_TIMING, "^^^202611251000^^X", 1)
     ds, warnings = run(worklist, text)
-    assert ds["PatientSex"] == "" and ds["RequestedProcedurePriority"] == ""
+    assert ds["PatientSex"] == ""
+    assert ds["RequestedProcedurePriority"] == "ROUTINE"  # the chain's next field, OBR-27.6 (R)
     assert ds["PatientID"] == "100234"  # the rest maps as before
     by_target = {w.target: w for w in warnings}
     assert set(by_target) == {"PatientSex", "RequestedProcedurePriority"}

@@ -73,7 +73,7 @@ FEATURES = {
 # Features not merged yet: a case that needs one is xfail (strict). Remove a name once its branch is
 # merged (h-mapping: warnings, iso; h-vr: vr; h-er7: groups, tolerant; the lead: pipeline); a case that
 # then passes unexpectedly fails as XPASS(strict), which says the mark can go.
-MISSING = {"warnings", "iso", "vr", "groups", "tolerant", "pipeline"}
+MISSING: set[str] = set()
 
 
 @dataclass

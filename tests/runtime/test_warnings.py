@@ -62,7 +62,8 @@ async def test_bad_optional_values_are_dropped_with_warnings(running_engine: Eng
     assert all("M-" not in w["text"] for w in stored)  # field names, never values
     assert app.scp is not None
     (item,) = find(int(app.scp.port), "ACC1001")
-    assert item.PatientSex == "" and item.RequestedProcedurePriority == ""
+    assert item.PatientSex == ""
+    assert item.RequestedProcedurePriority == "ROUTINE"  # ORC-7.6 was garbage: the chain's OBR-27.6
 
 
 async def test_undeclared_latin1_is_read_with_a_warning(running_engine: EngineApp) -> None:
