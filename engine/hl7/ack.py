@@ -348,9 +348,7 @@ def _from_raw(raw: bytes, code: str, error: ProcessingError | None) -> str | Non
     line = re.split(r"[\r\n]", text, maxsplit=1)[0]
     if len(line) < 4:
         return None
-    fs, parts = _split_msh(line)
-    if fs.isalnum() or fs.isspace() or not fs.isprintable():  # most likely a typo for '|'
-        fs, parts = "|", line.split("|")
+    fs, parts = _split_msh(line)  # read as the sender meant it, even with a letter for MSH-1
     msh2 = parts[1] if len(parts) > 1 else ""
     enc = _safe_encoding(fs, msh2) or DEFAULT_ENCODING
     sender_cs = msh2[0] if msh2 and msh2[0] != fs else "^"
