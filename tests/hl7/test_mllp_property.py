@@ -24,7 +24,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from engine.hl7.er7 import Message
 from engine.hl7.mllp_framing import FrameReader, frame
 from engine.runtime.app import EngineApp, default_registry
 from engine.runtime.config import load_config
