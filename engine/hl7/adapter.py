@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 from pydantic import ConfigDict, Field
 
 from engine.errors import REQUIRED_FIELD_MISSING, ProcessingError, ProcessingWarning
-from engine.hl7.ack import ack_mode, build_ack, build_ack_from_raw, should_send
+from engine.hl7.ack import ack_codec, ack_mode, build_ack, build_ack_from_raw, check_charset, should_send
 from engine.hl7.batch import split_batch_bytes
 from engine.hl7.er7 import Message
 from engine.hl7.validate import validate_structure
@@ -49,13 +49,14 @@ class HL7Adapter:
 
     def parse(self, raw: bytes) -> Received:
         msg = Message.parse(raw, charset=self.options.charset)
+        check_charset(msg, self.options.charset)  # MSH-18 `base64` & co: refused, as when bytes are non-ASCII
         return Received(
             view=msg,
             message_type=msg.message_type,
             control_id=msg.control_id,
             sender=f"{msg.sending_application}|{msg.sending_facility}",
             patient_id=msg.get("PID-3.1"),
-            encoding=msg.codec,  # the ACK goes back in the charset the message came in
+            encoding=ack_codec(msg),  # the ACK goes back in the charset the bytes were decoded with
             warnings=list(msg.warnings),  # e.g. undeclared bytes read as cp1252 (MSH-18)
         )
 

@@ -1,18 +1,34 @@
-"""HL7 table 0211 character set names -> Python codecs.
+"""HL7 table 0211 character set names -> Python codecs, through an allowlist of text encodings.
 
-A channel may override MSH-18 with either an HL7 name ("8859/1") or a Python codec name
-("latin-1"), because senders often declare one charset and send another. `decode_message` turns
-received bytes into text: the channel's charset, else MSH-18, else UTF-8, and when bytes that
-declare nothing are not UTF-8 either, Windows-1252 (what such senders nearly always mean).
+A channel may override MSH-18 with either an HL7 name ("8859/1") or a common alias ("latin-1",
+"windows-1252"), because senders often declare one charset and send another. Only real text
+encodings are accepted: Python's codec registry also knows `base64`, `rot13`, `zlib`, `hex`,
+`idna`, `unicode_escape` ..., which are byte or string transforms, not charsets; a message that
+names one must be refused with an answer, not decoded with it (and an ACK can never be encoded
+with it).
+
+`decode_message` turns received bytes into text: the channel's charset, else MSH-18, else UTF-8,
+and when bytes that declare nothing are not UTF-8 either, Windows-1252 (what such senders nearly
+always mean).
 """
 
 from __future__ import annotations
 
 import codecs
+from functools import lru_cache
 
 from engine.errors import DATA_TYPE_ERROR, TABLE_VALUE_NOT_FOUND, ProcessingError
 
-__all__ = ["FALLBACK_CODEC", "HL7_CHARSETS", "decode_message", "python_codec", "resolve_charset"]
+__all__ = [
+    "FALLBACK_CODEC",
+    "HL7_CHARSETS",
+    "TEXT_CODECS",
+    "ascii_compatible",
+    "decode_message",
+    "hl7_name",
+    "python_codec",
+    "resolve_charset",
+]
 
 # Undeclared bytes that are not UTF-8: cp1252 (Latin-1 plus the 0x80-0x9F letters Windows senders
 # use, such as the euro sign and curly quotes); Latin-1 for the five bytes cp1252 leaves undefined.
@@ -29,6 +45,10 @@ HL7_CHARSETS: dict[str, str] = {
     "8859/7": "iso8859-7",
     "8859/8": "iso8859-8",
     "8859/9": "iso8859-9",
+    "8859/10": "iso8859-10",
+    "8859/11": "iso8859-11",
+    "8859/13": "iso8859-13",
+    "8859/14": "iso8859-14",
     "8859/15": "iso8859-15",
     "UNICODE": "utf-8",  # formally UCS; on the wire it is UTF-8 in every system we know
     "UNICODE UTF-8": "utf-8",
@@ -47,9 +67,62 @@ HL7_CHARSETS: dict[str, str] = {
     "WINDOWS-1252": "cp1252",
 }
 
+# Python codecs (by their canonical codecs.lookup() name) a message may be decoded with: the
+# targets above plus the usual aliases' targets. Anything else, however Python spells it, is refused.
+TEXT_CODECS: frozenset[str] = frozenset(
+    {codecs.lookup(c).name for c in HL7_CHARSETS.values()}
+    | {f"iso8859-{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16)}
+    | {f"cp{n}" for n in range(1250, 1259)}
+    | {
+        "utf-8",
+        "utf-8-sig",
+        "utf-16",
+        "utf-16-le",
+        "utf-16-be",
+        "utf-32",
+        "utf-32-le",
+        "utf-32-be",
+        "shift_jis",
+        "cp932",
+        "euc_jp",
+        "iso2022_jp",
+        "iso2022_jp_2",
+        "gb2312",
+        "gbk",
+        "gb18030",
+        "euc_kr",
+        "cp949",
+        "big5",
+        "big5hkscs",
+        "koi8-r",
+        "koi8-u",
+        "cp437",
+        "cp850",
+    }
+)
 
+# the HL7 name an ACK states in MSH-18 for the codec it is written in
+_HL7_NAME: dict[str, str] = {
+    "ascii": "ASCII",
+    "iso8859-1": "8859/1",
+    "utf-8": "UNICODE UTF-8",
+    "utf-16": "UNICODE UTF-16",
+    "utf-32": "UNICODE UTF-32",
+    **{f"iso8859-{n}": f"8859/{n}" for n in (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15)},
+    "shift_jis": "ISO IR14",
+    "iso2022_jp": "ISO IR87",
+    "iso2022_jp_2": "ISO IR159",
+    "gb18030": "GB 18030-2000",
+    "euc_kr": "KS X 1001",
+    "big5": "BIG-5",
+}
+
+_ASCII_SAMPLE = "".join(chr(c) for c in range(0x20, 0x7F)) + "\r"
+
+
+@lru_cache(maxsize=256)
 def python_codec(name: str) -> str | None:
-    """Python codec for an HL7 (or Python) charset name; None when unknown."""
+    """Python codec for an HL7 name or a text-encoding alias; None when unknown or not a charset."""
     key = " ".join(name.strip().upper().replace("_", " ").split())
     if not key:
         return None
@@ -57,9 +130,27 @@ def python_codec(name: str) -> str | None:
     if hit:
         return hit
     try:
-        return codecs.lookup(name.strip()).name
-    except LookupError:
+        canonical = codecs.lookup(name.strip()).name
+    except (LookupError, ValueError, TypeError):  # ValueError: a NUL in the name
         return None
+    return canonical if canonical in TEXT_CODECS else None
+
+
+@lru_cache(maxsize=64)
+def ascii_compatible(codec: str) -> bool:
+    """True when printable ASCII and CR encode to the same bytes as in ASCII (not UTF-16/32)."""
+    try:
+        return _ASCII_SAMPLE.encode(codec) == _ASCII_SAMPLE.encode("ascii")
+    except (LookupError, UnicodeError, TypeError, ValueError):
+        return False
+
+
+def hl7_name(codec: str) -> str:
+    """HL7 table 0211 name of a Python codec ('' when HL7 has none, e.g. cp1252)."""
+    try:
+        return _HL7_NAME.get(codecs.lookup(codec).name, "")
+    except LookupError:
+        return ""
 
 
 def resolve_charset(name: str) -> str:

@@ -4,6 +4,12 @@ The server is a Protocol rather than streams because it is the engine's hot path
 handles its frames one at a time, in order, by awaiting the handler; connections are independent,
 so a broken, slow, oversized or silent peer only ever costs its own connection. Logs carry peer
 addresses, sizes and exception types, never message content (it is PHI).
+
+Hostile peers cannot lock others out: bytes outside a frame are junk (counted, never activity,
+and past `max_junk` the connection is closed); at `max_connections` the connection idle longest
+makes room for a new one (a real RIS keeps one connection open for days, so a short idle timeout
+is no answer); frame bytes held by all connections of the process share one `BufferBudget`, and
+a frame that would overspend it is dropped as it arrives and answered with the `busy` reply.
 """
 
 from __future__ import annotations
@@ -27,13 +33,18 @@ from engine.hl7.mllp_framing import (
     FrameReader,
     FrameTooLarge,
     MLLPError,
+    SkippedFrame,
     frame,
 )
 
 __all__ = [
     "COMMIT_ACK",
     "COMMIT_NAK",
+    "DEFAULT_MAX_BUFFERED",
     "DEFAULT_MAX_FRAME",
+    "DEFAULT_MAX_JUNK",
+    "PROCESS_BUDGET",
+    "BufferBudget",
     "END_BLOCK",
     "START_BLOCK",
     "ConnInfo",
@@ -53,6 +64,37 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _QUEUE_HIGH = 64  # frames waiting on one connection before we stop reading from it
+_HEAD = 2048  # bytes of a refused frame kept to name it in the NAK (its MSH)
+DEFAULT_MAX_JUNK = 4096  # bytes outside any frame, since the last frame, before the connection closes
+DEFAULT_MAX_BUFFERED = 256 * 2**20
+
+
+class BufferBudget:
+    """Frame bytes held in memory by every MLLP connection of the process, against one limit.
+
+    Each server registers the limit it was configured with; the smallest registered one applies
+    (a server that closes takes its limit away), DEFAULT_MAX_BUFFERED when none is.
+    """
+
+    def __init__(self, default: int = DEFAULT_MAX_BUFFERED) -> None:
+        self.default = default
+        self.used = 0
+        self._limits: dict[int, int] = {}
+
+    @property
+    def limit(self) -> int:
+        return min(self._limits.values()) if self._limits else self.default
+
+    def register(self, owner: object, limit: int) -> None:
+        self._limits[id(owner)] = limit
+
+    def unregister(self, owner: object) -> None:
+        self._limits.pop(id(owner), None)
+
+
+PROCESS_BUDGET = BufferBudget()
+
+ReplyBuilder = Callable[[bytes], bytes | None]
 
 
 class MLLPTimeout(MLLPError):
@@ -111,6 +153,9 @@ class _ServerConnection(asyncio.Protocol):
         self._frame_start = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
+        self._junk_mark = 0  # reader.discarded when the last frame completed
+        self._held = 0  # bytes of complete frames queued or being handled
+        self._charged = 0  # what this connection has charged to the buffer budget
         self.lost: asyncio.Future[None] = self._loop.create_future()
 
     # -- asyncio callbacks -------------------------------------------------------------------
@@ -119,9 +164,12 @@ class _ServerConnection(asyncio.Protocol):
         self._transport = transport
         server = self._server
         peer = transport.get_extra_info("peername")
-        if len(server._conns) >= server.max_connections:
+        if len(server._conns) >= server.max_connections and not server._evict_for(peer):
             log.warning(
-                "MLLP %s: refusing connection from %s, %d connections open", server.port, peer, len(server._conns)
+                "MLLP %s: refusing connection from %s, %d connections open and none idle",
+                server.port,
+                peer,
+                len(server._conns),
             )
             self._closed = True
             transport.close()
@@ -152,7 +200,26 @@ class _ServerConnection(asyncio.Protocol):
             )
             self._close()
             return
+        server = self._server
+        junk = reader.discarded - self._junk_mark
+        if frames:
+            self._junk_mark = reader.discarded
+        elif not (reader.in_frame or was_in_frame):
+            # junk only: not activity (the idle timer runs on), and too much of it ends the connection
+            if junk > server.max_junk:
+                server.junk_closed += 1
+                log.warning(
+                    "MLLP %s: closing connection %s from %s: %d bytes outside any frame",
+                    server.port,
+                    self._id,
+                    self._peer,
+                    junk,
+                )
+                self._close()
+            return
         now = self._last = self._loop.time()
+        if frames or reader.in_frame:
+            frames = self._spend(frames)
         if frames:
             self._queue.extend(frames)
             if self._task is None:
@@ -165,6 +232,48 @@ class _ServerConnection(asyncio.Protocol):
             deadline = self._deadline()
             if deadline is not None and deadline < self._timer_when:
                 self._arm()
+
+    def _spend(self, frames: list[bytes]) -> list[bytes]:
+        """Charge new frame bytes to the budget; over it, drop them (kept: each frame's head, for the NAK)."""
+        budget = self._server.budget
+        reader = self._reader
+        fresh = sum(len(f) for f in frames if not isinstance(f, SkippedFrame))
+        want = reader.pending + self._held + fresh
+        if want > self._charged and budget.used + want - self._charged > budget.limit:
+            refused = 0
+            kept: list[bytes] = []
+            for f in frames:
+                if isinstance(f, SkippedFrame):
+                    kept.append(f)
+                    continue
+                head = SkippedFrame(f[:_HEAD])
+                head.size = len(f)
+                kept.append(head)
+                refused += 1
+            if reader.in_frame and reader.pending:
+                reader.skip_frame(_HEAD)
+                refused += 1
+            frames, fresh = kept, 0
+            want = reader.pending + self._held
+            self._server.busy_refused += refused
+            log.warning(
+                "MLLP %s: buffer budget of %d bytes spent (%d in use); refusing %d frame(s) on connection %s from %s",
+                self._server.port,
+                budget.limit,
+                budget.used,
+                refused,
+                self._id,
+                self._peer,
+            )
+        self._held += fresh
+        budget.used += want - self._charged
+        self._charged = want
+        return frames
+
+    def _recharge(self) -> None:
+        want = self._reader.pending + self._held
+        self._server.budget.used += want - self._charged
+        self._charged = want
 
     def eof_received(self) -> bool:
         # The peer is done sending (or half-open); answer what is queued, then close.
@@ -183,6 +292,8 @@ class _ServerConnection(asyncio.Protocol):
             self._can_write.set_result(None)
         if self._counted:
             self._server._conns.discard(self)
+        self._server.budget.used -= self._charged
+        self._charged = self._held = 0
         if not self.lost.done():
             self.lost.set_result(None)
 
@@ -197,7 +308,8 @@ class _ServerConnection(asyncio.Protocol):
     # -- work --------------------------------------------------------------------------------
     async def _drain(self) -> None:
         """Answer queued frames one by one, in arrival order."""
-        handler = self._server.handler
+        server = self._server
+        handler = server.handler
         queue = self._queue
         info = self._info
         assert info is not None
@@ -205,20 +317,27 @@ class _ServerConnection(asyncio.Protocol):
             while queue and not self._closed:
                 body = queue.popleft()
                 try:
-                    reply = await handler(body, info)
+                    if isinstance(body, SkippedFrame):
+                        reply = server.busy(body) if server.busy is not None else COMMIT_NAK
+                    else:
+                        reply = await handler(body, info)
                     if self._closed:
                         return
                     if reply is not None:
                         self._transport.write(b"\x0b" + reply + b"\x1c\x0d")  # type: ignore[union-attr]
                 except Exception as exc:  # only the type: the text may quote the message (PHI)
-                    log.error(
-                        "MLLP %s: handler raised %s on connection %s; closing it",
-                        self._server.port,
-                        type(exc).__name__,
-                        info.id,
-                    )
-                    self._close()
-                    return
+                    reply = self._fallback(body, exc)
+                    if reply is None:
+                        self._close()
+                        return
+                    if self._closed:
+                        return
+                    self._transport.write(b"\x0b" + reply + b"\x1c\x0d")  # type: ignore[union-attr]
+                finally:
+                    if not isinstance(body, SkippedFrame):
+                        self._held -= len(body)
+                    if not self._closed:
+                        self._recharge()
                 if reply is not None:
                     if self._can_write is not None and not self._can_write.done():
                         await self._can_write  # the peer is not reading; do not buffer without end
@@ -230,6 +349,27 @@ class _ServerConnection(asyncio.Protocol):
             self._task = None
         if self._eof:
             self._close()
+
+    def _fallback(self, body: bytes, exc: Exception) -> bytes | None:
+        """The safety net: a handler raised, so answer what `fallback` builds and keep the connection."""
+        server = self._server
+        fallback = server.fallback
+        reply: bytes | None = None
+        if fallback is not None:
+            try:
+                reply = fallback(body)
+            except Exception:  # the net itself failed: nothing sensible to send any more
+                reply = None
+            if not isinstance(reply, bytes):
+                reply = None
+        log.error(
+            "MLLP %s: handler raised %s on connection %s; %s",
+            server.port,
+            type(exc).__name__,
+            self._id,
+            "answered the fallback reply" if reply is not None else "closing it",
+        )
+        return reply
 
     # -- timeouts ----------------------------------------------------------------------------
     def _deadline(self) -> float | None:
@@ -280,6 +420,11 @@ class _ServerConnection(asyncio.Protocol):
     def _peer(self) -> Any:
         return self._info.peer if self._info else None
 
+    @property
+    def _idle(self) -> bool:
+        """Nothing in flight: no started frame, nothing queued or being answered."""
+        return not (self._closed or self._reader.in_frame or self._queue or self._task is not None)
+
     def _close(self) -> None:
         if self._closed:
             return
@@ -309,6 +454,10 @@ class MLLPServer:
         idle_timeout: float | None,
         max_connections: int,
         keepalive: bool,
+        max_junk: int = DEFAULT_MAX_JUNK,
+        budget: BufferBudget | None = None,
+        busy: ReplyBuilder | None = None,
+        fallback: ReplyBuilder | None = None,
     ) -> None:
         self.handler = handler
         self.max_frame = max_frame
@@ -316,6 +465,14 @@ class MLLPServer:
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.keepalive = keepalive
+        self.max_junk = max_junk
+        self.budget = budget if budget is not None else PROCESS_BUDGET
+        self.busy = busy  # reply to a frame refused for the budget (None: the MLLP NAK byte)
+        self.fallback = fallback  # reply when the handler raised (None: close the connection)
+        # counters, for tests and operators
+        self.evicted = 0
+        self.junk_closed = 0
+        self.busy_refused = 0
         self.port = 0
         self._loop = asyncio.get_running_loop()
         self._server: asyncio.Server | None = None
@@ -326,8 +483,31 @@ class MLLPServer:
     def connections(self) -> int:
         return len(self._conns)
 
+    def _evict_for(self, peer: Any) -> bool:
+        """Close the connection idle longest to admit `peer`; False when every connection is busy."""
+        idle = [c for c in self._conns if c._idle]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c._last)
+        now = self._loop.time()
+        log.warning(
+            "MLLP %s: %d connections open; closing connection %s from %s, idle %.0f s, to admit %s",
+            self.port,
+            len(self._conns),
+            victim._id,
+            victim._peer,
+            now - victim._last,
+            peer,
+        )
+        self._conns.discard(victim)
+        victim._counted = False
+        victim._close()
+        self.evicted += 1
+        return True
+
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting, let in-flight handlers finish (up to `grace` s), close every connection."""
+        self.budget.unregister(self)
         if self._server is not None:
             self._server.close()
         conns = list(self._conns)
@@ -370,8 +550,17 @@ async def start_server(
     idle_timeout: float | None = 600,
     max_connections: int = 256,
     keepalive: bool = True,
+    max_junk: int = DEFAULT_MAX_JUNK,
+    max_buffered: int | None = None,
+    budget: BufferBudget | None = None,
+    busy: ReplyBuilder | None = None,
+    fallback: ReplyBuilder | None = None,
 ) -> MLLPServer:
-    """Listen for MLLP on host:port (0 = any free port); `handler` answers each frame body."""
+    """Listen for MLLP on host:port (0 = any free port); `handler` answers each frame body.
+
+    `max_buffered` limits the frame bytes held by all connections sharing `budget` (the process's,
+    by default); `busy(head)` answers a frame refused for it, `fallback(body)` one whose handler raised.
+    """
     server = MLLPServer(
         handler,
         max_frame=max_frame,
@@ -379,7 +568,13 @@ async def start_server(
         idle_timeout=idle_timeout,
         max_connections=max_connections,
         keepalive=keepalive,
+        max_junk=max_junk,
+        budget=budget,
+        busy=busy,
+        fallback=fallback,
     )
+    if max_buffered is not None:
+        server.budget.register(server, max_buffered)
     loop = asyncio.get_running_loop()
     server._server = await loop.create_server(
         lambda: _ServerConnection(server),

@@ -16,6 +16,7 @@ __all__ = [
     "FrameReader",
     "FrameTooLarge",
     "MLLPError",
+    "SkippedFrame",
     "frame",
 ]
 
@@ -57,6 +58,16 @@ class FrameTooLarge(MLLPError):
         self.frames = frames or []
 
 
+class SkippedFrame(bytes):
+    """A complete frame whose body was not kept (the buffer budget was spent): only its head.
+
+    The head (up to the first segment) is enough to build a NAK that names the message;
+    `size` is how many body bytes the frame had.
+    """
+
+    size: int = 0
+
+
 def frame(body: bytes) -> bytes:
     """Wrap one body in MLLP control bytes."""
     return b"\x0b" + body + b"\x1c\x0d"
@@ -70,7 +81,7 @@ class FrameReader:
     sender recover without the connection being closed.
     """
 
-    __slots__ = ("max_size", "in_frame", "discarded", "_buf", "_scan")
+    __slots__ = ("max_size", "in_frame", "discarded", "_buf", "_scan", "_skip", "_skipped", "_skip_fs")
 
     def __init__(self, max_size: int = DEFAULT_MAX_FRAME) -> None:
         self.max_size = max_size
@@ -78,6 +89,45 @@ class FrameReader:
         self.discarded = 0  # bytes dropped because they were outside a frame
         self._buf = bytearray()  # unconsumed input; when in_frame, starts just after the VT
         self._scan = 0  # where to resume looking for FS CR in _buf (everything before is body)
+        self._skip: bytes | None = None  # the kept head while the rest of the current frame is dropped
+        self._skipped = 0  # body bytes of the skipped frame so far
+        self._skip_fs = False  # the last byte seen while skipping was FS (its CR may come next)
+
+    def skip_frame(self, keep: int = 1024) -> None:
+        """Stop holding the unfinished frame: keep its first `keep` bytes, drop the rest as it comes.
+
+        When it ends, feed() returns it as a SkippedFrame (so it is still answered, in order).
+        """
+        if not self.in_frame or self._skip is not None:
+            return
+        self._skip = bytes(self._buf[:keep])
+        self._skipped = len(self._buf)
+        self._skip_fs = self._buf[-1:] == b"\x1c"
+        self._buf = bytearray()
+        self._scan = 0
+
+    def _feed_skip(self, data: bytes) -> tuple[SkippedFrame | None, bytes]:
+        """Consume data of a skipped frame: (the frame if it ended, what follows it)."""
+        if self._skip_fs and data[:1] == b"\r":  # the FS was the last byte of the previous read
+            end, after, size = 0, 1, self._skipped - 1
+        else:
+            end = data.find(b"\x1c\x0d")
+            after, size = end + 2, self._skipped + end
+        restart = data.find(b"\x0b", 0, len(data) if end < 0 else end)
+        if restart >= 0:  # a new frame before this one ended: it was broken, no answer is due
+            self.discarded += self._skipped + restart
+            self._skip = None
+            self.in_frame = False
+            return None, data[restart:]
+        if end < 0:
+            self._skipped += len(data)
+            self._skip_fs = data[-1:] == b"\x1c"
+            return None, b""
+        done = SkippedFrame(self._skip or b"")
+        done.size = size
+        self._skip = None
+        self.in_frame = False
+        return done, data[after:]
 
     @property
     def pending(self) -> int:
@@ -86,6 +136,12 @@ class FrameReader:
 
     def feed(self, data: bytes) -> list[bytes]:
         """Add one read; return the frame bodies it completed, in order."""
+        if self._skip is not None:
+            done, rest = self._feed_skip(data)
+            if not rest:
+                return [done] if done is not None else []
+            more = self.feed(rest)
+            return [done, *more] if done is not None else more
         own = self._buf
         if own:
             own += data
@@ -146,3 +202,4 @@ class FrameReader:
         self._buf = bytearray()
         self.in_frame = False
         self._scan = 0
+        self._skip = None

@@ -282,7 +282,9 @@ async def test_half_closed_peer_gets_its_answers_then_the_connection_ends(
     await raw.close()
 
 
-async def test_max_connections(serve: Callable[..., Awaitable[MLLPServer]], caplog: pytest.LogCaptureFixture) -> None:
+async def test_max_connections_admits_a_new_sender_by_closing_the_idlest(
+    serve: Callable[..., Awaitable[MLLPServer]], caplog: pytest.LogCaptureFixture
+) -> None:
     server = await serve(max_connections=2)
     first = MLLPClient("127.0.0.1", server.port)
     second = MLLPClient("127.0.0.1", server.port)
@@ -291,18 +293,39 @@ async def test_max_connections(serve: Callable[..., Awaitable[MLLPServer]], capl
     with caplog.at_level(logging.WARNING, logger="engine.hl7.mllp"):
         extra = await Raw.open(server.port)
         await extra.send(frame(MSG))
+        assert await extra.reply() == b"ACK:" + MSG
+    assert "idle" in caplog.text and "closing connection 1 " in caplog.text
+    assert "DOE" not in caplog.text
+    assert server.connections == 2 and server.evicted == 1
+    await until(lambda: not first.connected)  # the idlest was closed (its client reconnects on its next send)
+    assert second.connected
+    assert await second.send(b"again") == b"ACK:again"
+    for client in (first, second):
+        await client.close()
+    await extra.close()
+
+
+async def test_max_connections_refuses_when_every_connection_is_busy(
+    serve: Callable[..., Awaitable[MLLPServer]], caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = asyncio.Event()
+
+    async def slow(body: bytes, info: ConnInfo) -> bytes:
+        await gate.wait()
+        return b"ACK:" + body
+
+    server = await serve(slow, max_connections=1)
+    busy = await Raw.open(server.port)
+    await busy.send(frame(b"held"))
+    await until(lambda: server.connections == 1)
+    with caplog.at_level(logging.WARNING, logger="engine.hl7.mllp"):
+        extra = await Raw.open(server.port)
         assert await extra.closed_by_peer()
     assert "refusing connection" in caplog.text
-    assert "DOE" not in caplog.text
-    assert server.connections == 2
-    assert await first.send(b"again") == b"ACK:again"
-    await extra.close()
-    await first.close()
-    await until(lambda: server.connections == 1)
-    third = MLLPClient("127.0.0.1", server.port)
-    assert await third.send(b"3") == b"ACK:3"
-    for client in (second, third):
-        await client.close()
+    gate.set()
+    assert await busy.reply() == b"ACK:held"
+    for raw in (busy, extra):
+        await raw.close()
 
 
 async def test_handler_exception_closes_only_that_connection(

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.hl7.mllp import COMMIT_ACK, COMMIT_NAK, FrameReader, FrameTooLarge, frame
+from engine.hl7.mllp_framing import SkippedFrame
 
 MSG = b"MSH|^~\\&|RIS|H|ENG|H|20250101||ORM^O01|1|P|2.5\rPID|||123\r"
 
@@ -114,3 +115,35 @@ def test_any_chunking_yields_exactly_the_frames(bodies: list[bytes], cuts: list[
     reader = FrameReader()
     assert feed_all(reader, chunks) == bodies
     assert not reader.in_frame
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    head=st.binary(min_size=1, max_size=50).map(lambda b: b.replace(b"\x0b", b"").replace(b"\x1c", b"") or b"M"),
+    tail=body_bytes,
+    after=st.lists(body_bytes, max_size=3),
+    cuts=st.lists(st.integers(min_value=0), max_size=10),
+)
+def test_a_skipped_frame_ends_where_it_would_have_and_the_next_ones_are_intact(
+    head: bytes, tail: bytes, after: list[bytes], cuts: list[int]
+) -> None:
+    """skip_frame() (the buffer budget is spent) keeps a head, drops the rest, and stays in step."""
+    reader = FrameReader()
+    assert reader.feed(b"\x0b" + head) == []
+    reader.skip_frame(keep=8)
+    assert reader.pending == 0 and reader.in_frame
+    stream = tail + b"\x1c\r" + b"".join(frame(b) for b in after)
+    points = sorted({c % (len(stream) + 1) for c in cuts})
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    out = feed_all(reader, chunks)
+    assert isinstance(out[0], SkippedFrame) and out[0] == head[:8] and out[0].size == len(head) + len(tail)
+    assert out[1:] == after
+    assert not reader.in_frame and reader.pending == 0
+
+
+def test_a_vt_while_skipping_drops_the_broken_frame_unanswered() -> None:
+    reader = FrameReader()
+    reader.feed(b"\x0bMSH|broken")
+    reader.skip_frame()
+    assert reader.feed(b"more\x0bnext\x1c\r") == [b"next"]
+    assert reader.feed(b"\x0bAB\x1c") == [] and reader.feed(b"\r") == [b"AB"]

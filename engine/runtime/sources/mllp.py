@@ -1,7 +1,9 @@
 """The MLLP listener source: one asyncio server per channel.
 
 It owns the reply: the adapter's answer (an ACK) for each frame, a batch of answers for a batch
-frame, or, with `commit_ack` (MLLP release 2), a single ACK/NAK byte.
+frame, or, with `commit_ack` (MLLP release 2), a single ACK/NAK byte. Every frame is answered:
+a frame refused for the buffer budget gets AR with ERR 207 "engine busy", and a frame whose
+answer could not be built (a bug) gets a plain AR while the connection stays open.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.hl7 import mllp
+from engine.hl7 import ack, mllp
 from engine.inputs import Outcome
 from engine.runtime.registry import Registry
 from engine.runtime.sources.base import Endpoint, Receiver, SourceConfig
@@ -33,7 +35,10 @@ class MLLPSourceConfig(SourceConfig):
     max_frame_bytes: int = Field(16 * 2**20, ge=1024)
     read_timeout: float = Field(30.0, gt=0)  # a started frame must finish within this
     idle_timeout: float | None = 600.0  # close a silent connection after this
-    max_connections: int = Field(256, ge=1)
+    max_connections: int = Field(256, ge=1)  # at the limit, the connection idle longest makes room
+    max_junk_bytes: int = Field(mllp.DEFAULT_MAX_JUNK, ge=0)  # bytes outside any frame before closing
+    # frame bytes held by all MLLP connections of the process (the smallest value of all sources applies)
+    max_buffered_bytes: int = Field(mllp.DEFAULT_MAX_BUFFERED, ge=1024)
     keepalive: bool = True
     commit_ack: bool = False  # MLLP release 2: answer with a single ACK/NAK byte
     tls: TLSConfig | None = None
@@ -88,7 +93,17 @@ class MLLPSource:
             idle_timeout=cfg.idle_timeout,
             max_connections=cfg.max_connections,
             keepalive=cfg.keepalive,
+            max_junk=cfg.max_junk_bytes,
+            max_buffered=cfg.max_buffered_bytes,
+            busy=self._busy,
+            fallback=self._fallback,
         )
+
+    def _busy(self, head: bytes) -> bytes:
+        return mllp.COMMIT_NAK if self.config.commit_ack else ack.busy_ack(head)
+
+    def _fallback(self, frame: bytes) -> bytes:
+        return mllp.COMMIT_NAK if self.config.commit_ack else ack.fallback_ack(frame)
 
     async def stop(self) -> None:
         if self.server is not None:
