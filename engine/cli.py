@@ -713,7 +713,7 @@ def worklist(
 
     from engine.store.worklist import WorklistItem
 
-    t = WorklistItem.__table__  # type: ignore[attr-defined]
+    t = WorklistItem.__table__  # type: ignore[attr-defined]  # SQLModel adds __table__ to table classes
     cols = [t.c.id, t.c.accession_number, t.c.patient_id, t.c.sps_start_date, t.c.sps_start_time, t.c.modality,
             t.c.station_aet, t.c.status, t.c.filler_order, t.c.placer_order]
     stmt = select(*cols).order_by(t.c.sps_start, t.c.id).limit(limit)

@@ -22,7 +22,7 @@ from engine.store.worklist import OPEN_STATUSES, WorklistItem, load_dataset, pn_
 
 __all__ = ["candidates_sql", "find", "prepare"]
 
-T = WorklistItem.__table__  # type: ignore[attr-defined]
+T = WorklistItem.__table__  # type: ignore[attr-defined]  # SQLModel adds __table__ to table classes
 _TOP = "\U0010ffff"  # sorts after every other character (bytewise UTF-8 and code point order)
 
 # keyword -> indexed column (top-level keys, then SPS keys)

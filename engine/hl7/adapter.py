@@ -76,13 +76,14 @@ class HL7Adapter:
 
         def answer(_status: str, error: ProcessingError | None, warnings: Sequence[ProcessingWarning]) -> str:
             ok = error is None
+            app_code = "AA" if error is None else error.ack_code
             if mode.original:
-                return build_ack(msg, "AA" if ok else error.ack_code, error, warnings=warnings)  # type: ignore[union-attr]
+                return build_ack(msg, app_code, error, warnings=warnings)
             if should_send(mode.commit, ok):
                 code = "CA" if error is None else ("CR" if error.ack_code == "AR" else "CE")
                 return build_ack(msg, code, error, warnings=warnings)
             if should_send(mode.application, ok):
-                return build_ack(msg, "AA" if ok else error.ack_code, error, warnings=warnings)  # type: ignore[union-attr]
+                return build_ack(msg, app_code, error, warnings=warnings)
             return ""
 
         return answer

@@ -145,7 +145,7 @@ def compile_path(path: str) -> Path:
 
 
 def _compile(path: str | Path) -> Path:
-    return path if path.__class__ is Path else compile_path(path)  # type: ignore[arg-type,return-value]
+    return path if path.__class__ is Path else compile_path(path)
 
 
 # ------------------------------------------------------------------------------ value extraction
@@ -322,7 +322,7 @@ class _View:
         Split before decoding, so an escaped delimiter never splits; a component that itself holds
         subcomponents is returned as raw ER7 (like get()), to be read with a PATH.N path.
         """
-        p = path if path.__class__ is Path else compile_path(path)  # type: ignore[arg-type]
+        p = path if path.__class__ is Path else compile_path(path)
         if p.subcomponent is not None:
             return [self.get(p)]
         msg = self._msg
@@ -502,7 +502,7 @@ class Group(_View):
 
     def get(self, path: str | Path) -> str:
         """First match, escapes decoded; '' if absent. Composite values come back as raw ER7."""
-        p = path if path.__class__ is Path else compile_path(path)  # type: ignore[arg-type]
+        p = path if path.__class__ is Path else compile_path(path)
         msg = self._msg
         if p.root:
             return msg.get(p)
@@ -598,13 +598,13 @@ class Message(_View):
         """
         guessed = False
         if data.__class__ is str:
-            text = data  # type: ignore[assignment]
+            text = data
             codec = resolve_charset(charset) if charset else None
-        elif charset is None and data.__class__ is bytes and b"\x1b" not in data:  # type: ignore[operator]
+        elif charset is None and data.__class__ is bytes and b"\x1b" not in data:
             try:  # pure ASCII reads the same in every charset we accept: skip the MSH-18 scan
-                text, codec = data.decode("ascii"), None  # type: ignore[union-attr]
+                text, codec = data.decode("ascii"), None
             except UnicodeDecodeError:
-                text, codec, guessed = decode_message(data, charset)  # type: ignore[arg-type]
+                text, codec, guessed = decode_message(data, charset)
         else:
             text, codec, guessed = decode_message(bytes(data), charset)  # type: ignore[arg-type]  # str went above
         if text[:3] != "MSH":
@@ -691,13 +691,13 @@ class Message(_View):
             return None
         f = self._split.get(i)
         if f is None:
-            f = self._split[i] = _split_fields(self._raw[i], self.encoding.field)  # type: ignore[index]
+            f = self._split[i] = _split_fields(self._raw[i], self.encoding.field)  # type: ignore[index]  # raw segments are split once parsed
         return f
 
     def get(self, path: str | Path) -> str:
         """First match, escapes decoded; '' if absent. Composite values come back as raw ER7."""
         # the hot path: nothing split that the path does not touch
-        p = path if path.__class__ is Path else compile_path(path)  # type: ignore[arg-type]
+        p = path if path.__class__ is Path else compile_path(path)
         sr = p.seg_rep
         if sr and sr > 1:
             i = self._nth(p.segment, sr)

@@ -226,7 +226,7 @@ class _ServerConnection(asyncio.Protocol):
                 self._task = self._loop.create_task(self._drain())
             if len(self._queue) > _QUEUE_HIGH and not self._paused_reading:
                 self._paused_reading = True
-                self._transport.pause_reading()  # type: ignore[union-attr]
+                self._transport.pause_reading()  # type: ignore[union-attr]  # set by connection_made before any data
         if reader.in_frame and (frames or not was_in_frame):
             self._frame_start = now
             deadline = self._deadline()
@@ -324,7 +324,7 @@ class _ServerConnection(asyncio.Protocol):
                     if self._closed:
                         return
                     if reply is not None:
-                        self._transport.write(b"\x0b" + reply + b"\x1c\x0d")  # type: ignore[union-attr]
+                        self._transport.write(b"\x0b" + reply + b"\x1c\x0d")  # type: ignore[union-attr]  # set by connection_made before any data
                 except Exception as exc:  # only the type: the text may quote the message (PHI)
                     reply = self._fallback(body, exc)
                     if reply is None:
@@ -332,7 +332,7 @@ class _ServerConnection(asyncio.Protocol):
                         return
                     if self._closed:
                         return
-                    self._transport.write(b"\x0b" + reply + b"\x1c\x0d")  # type: ignore[union-attr]
+                    self._transport.write(b"\x0b" + reply + b"\x1c\x0d")  # type: ignore[union-attr]  # set by connection_made before any data
                 finally:
                     if not isinstance(body, SkippedFrame):
                         self._held -= len(body)
@@ -344,7 +344,7 @@ class _ServerConnection(asyncio.Protocol):
                 self._last = self._loop.time()
                 if self._paused_reading and len(queue) <= _QUEUE_HIGH // 2 and not (self._closed or self._stopping):
                     self._paused_reading = False
-                    self._transport.resume_reading()  # type: ignore[union-attr]
+                    self._transport.resume_reading()  # type: ignore[union-attr]  # set by connection_made before any data
         finally:
             self._task = None
         if self._eof:

@@ -130,7 +130,7 @@ def _card(card: tuple[int, int]) -> str:
     return "?" if (lo, hi) == (0, 1) else f"{{{lo},{hi}}}"
 
 
-def _pattern(node: tuple | list) -> str:  # type: ignore[type-arg]
+def _pattern(node: tuple | list) -> str:
     """Regex over 'SEG ' tokens for one hl7apy structure node (segment or group)."""
     name, ref, card, kind = node[0], node[1], node[2], node[3]
     if kind == "SEG":

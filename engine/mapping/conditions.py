@@ -76,7 +76,7 @@ class _Parser:
     def parse(self) -> Predicate:
         pred = self.cond()
         if self.peek() is not None:
-            raise ConditionError(f"unexpected {self.peek()[1]!r} (join conditions with and / or)")  # type: ignore[index]
+            raise ConditionError(f"unexpected {self.peek()[1]!r} (join conditions with and / or)")  # type: ignore[index]  # peek() is not None here
         return pred
 
     def cond(self) -> Predicate:

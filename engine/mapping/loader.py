@@ -181,12 +181,12 @@ def load_mapping(
             name=None,
             description="",
             input="hl7v2",
-            output=data.get("output") if data.get("output") in OUTPUTS else "json",
+            output=data["output"] if data.get("output") in OUTPUTS else "json",
             for_each=data.get("for_each") if data.get("for_each") in GROUP_KINDS else None,
             when=data.get("when") if isinstance(data.get("when"), str) else None,
             settings=data.get("settings") if isinstance(data.get("settings"), dict) else None,
             fields=data.get("fields"),
-            examples=data.get("examples") if isinstance(data.get("examples"), list) else [],
+            examples=data["examples"] if isinstance(data.get("examples"), list) else [],
         )
     given = data.get("input")
     if isinstance(given, str) and given not in inputs:

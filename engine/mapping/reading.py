@@ -124,7 +124,7 @@ class Parts(tuple):  # noqa: SLOT001 - instances carry where they came from
     """Decoded components of one value; `sub(i)` reads the subcomponents of component i."""
 
     def sub(self, i: int) -> list[str]:
-        view, text = self.view, self.text  # type: ignore[attr-defined]
+        view, text = self.view, self.text  # type: ignore[attr-defined]  # set by parts() on every instance
         if text.count(".") >= 1 and hp.has_component(text):
             return [self[i]] if i < len(self) else []  # already subcomponents
         return view.components(hp.compile_path(f"{text}.{i + 1}"))
@@ -135,8 +135,8 @@ def parts(c: list[str], view: Any, text: str) -> Any:
     if not any(c):
         return ""
     p = Parts(c)
-    p.view = view  # type: ignore[attr-defined]
-    p.text = text  # type: ignore[attr-defined]
+    p.view = view  # type: ignore[attr-defined]  # a tuple subclass without slots takes attributes
+    p.text = text  # type: ignore[attr-defined]  # (same)
     return p
 
 

@@ -341,8 +341,8 @@ def check_store(engine: Engine) -> None:
 
     ring = keyring()
     with engine.connect() as conn:
-        for table, column in ((Message.__table__, "raw"), (Delivery.__table__, "payload"),  # type: ignore[attr-defined]
-                              (WorklistItem.__table__, "dataset_json")):  # type: ignore[attr-defined]
+        for table, column in ((Message.__table__, "raw"), (Delivery.__table__, "payload"),  # type: ignore[attr-defined]  # SQLModel adds __table__ to table classes
+                              (WorklistItem.__table__, "dataset_json")):  # type: ignore[attr-defined]  # SQLModel adds __table__ to table classes
             head = conn.execute(
                 select(func.substr(table.c[column], 1, 64)).order_by(table.c.id.desc()).limit(1)
             ).scalar()

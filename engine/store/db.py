@@ -51,7 +51,7 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
-        def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        def _on_connect(dbapi_conn, _record) -> None:
             dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
@@ -65,14 +65,14 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
                     files.restrict(store.with_name(store.name + suffix))
 
         @event.listens_for(engine, "begin")
-        def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
+        def _on_begin(conn) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     engine = create_engine(url, pool_size=pool_size, max_overflow=8, pool_pre_ping=True)
 
     @event.listens_for(engine, "connect")
-    def _on_pg_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    def _on_pg_connect(dbapi_conn, _record) -> None:
         with dbapi_conn.cursor() as cur:
             cur.execute("SET synchronous_commit = on")
         dbapi_conn.commit()

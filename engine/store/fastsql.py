@@ -114,7 +114,7 @@ def _cursor(conn: Connection) -> Any:
     a raw statement must never run in autocommit)."""
     if not conn.in_transaction():
         conn.begin()
-    return conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    return conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]  # open: in a transaction
 
 
 _cache: dict[tuple[Any, ...], Any] = {}

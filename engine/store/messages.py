@@ -11,7 +11,7 @@ from sqlalchemy import Engine, select
 from engine.store import crypto
 from engine.store.models import Message
 
-MESSAGES = Message.__table__  # type: ignore[attr-defined]
+MESSAGES = Message.__table__  # type: ignore[attr-defined]  # SQLModel adds __table__ to table classes
 LIST_COLUMNS = (
     "id",
     "channel",

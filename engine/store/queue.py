@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 # a payload no configured key opens waits this long before it is tried again (the keyring may be fixed)
 UNREADABLE_WAIT = timedelta(minutes=1)
 
-DELIVERIES = Delivery.__table__  # type: ignore[attr-defined]
-MESSAGES = Message.__table__  # type: ignore[attr-defined]
+DELIVERIES = Delivery.__table__  # type: ignore[attr-defined]  # SQLModel adds __table__ to table classes
+MESSAGES = Message.__table__  # type: ignore[attr-defined]  # SQLModel adds __table__ to table classes
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ class SealedColumn:
 COLUMNS = (
     SealedColumn(Message.__table__, "raw", crypto.RAW, False),  # type: ignore[attr-defined]  # SQLModel table
     SealedColumn(Delivery.__table__, "payload", crypto.PAYLOAD, False),  # type: ignore[attr-defined]  # (same)
-    SealedColumn(WorklistItem.__table__, "dataset_json", crypto.DATASET, True),  # type: ignore[attr-defined]
+    SealedColumn(WorklistItem.__table__, "dataset_json", crypto.DATASET, True),  # type: ignore[attr-defined]  # SQLModel adds __table__ to table classes
 )
 
 

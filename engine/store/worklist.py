@@ -126,7 +126,7 @@ class WorklistItem(SQLModel, table=True):
     dataset_json: str = Field(default="{}", sa_type=Text)
 
 
-T = WorklistItem.__table__  # type: ignore[attr-defined]
+T = WorklistItem.__table__  # type: ignore[attr-defined]  # SQLModel adds __table__ to table classes
 
 
 def normalize_da(value: str) -> str:

@@ -296,7 +296,7 @@ class Writer:
                     if prior_hash == digest and prior_status != MessageStatus.ERROR:
                         if prior_id == 0:  # the original is in this group, not yet inserted
                             flush()
-                            prior_hash, prior_id, prior_ack, prior_status = self._prior(key, seen, priors)  # type: ignore[misc]
+                            prior_hash, prior_id, prior_ack, prior_status = self._prior(key, seen, priors)  # type: ignore[misc]  # found above
                         result = UnitResult(0, MessageStatus.DUPLICATE, prior_ack, duplicate_of=prior_id)
                         bulk.append((self._values(unit, digest, MessageStatus.DUPLICATE, prior_ack, None,
                                                   f"resend-of:{prior_id}"), result))

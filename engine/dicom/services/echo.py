@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pynetdicom import evt
 from pynetdicom.events import Event, EventType
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom makes its SOP classes at import
 
 from engine.dicom.scp import DicomServiceRegistry, Handler, ServiceContext
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.events import Event, EventType
-from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
+from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]  # pynetdicom makes its SOP classes at import
 from sqlalchemy import Engine
 
 from engine.dicom.matching import MalformedQuery
