@@ -81,6 +81,10 @@ def resolve_systems(node: Any, systems: dict[str, str]) -> Any:
             value = _identifiers(value, systems)
             if value is None:
                 continue
+        elif key == "reference" and isinstance(value, str) and "?identifier=" in value:
+            head, _, ident = value.partition("?identifier=")
+            system, bar, rest = ident.partition("|")
+            value = f"{head}?identifier={_system(system, systems)}{bar}{rest}" if bar else value
         else:
             value = resolve_systems(value, systems)
             if value is _DROP or value is None or (value.__class__ in (str, list, dict) and not value):
@@ -100,16 +104,22 @@ def _identifiers(value: Any, systems: dict[str, str]) -> Any:
             return None
         ident = dict(ident)
         system = ident.get("system")
-        if isinstance(system, str) and system in systems:
-            ident["system"] = systems[system]
-        elif isinstance(system, str) and system and ":" not in system:
-            ident["system"] = f"urn:engine:id:{system}"  # a name the channel did not set: still a URI
+        if isinstance(system, str) and system:
+            ident["system"] = _system(system, systems)
         return ident
 
     if isinstance(value, list):
         found = [i for i in (one(v) for v in value) if i is not None]
         return found or None
     return one(value)
+
+
+def _system(name: str, systems: dict[str, str]) -> str:
+    if name in systems:
+        return systems[name]
+    if ":" not in name:
+        return f"urn:engine:id:{name}"  # a name the channel did not set: still a URI
+    return name
 
 
 def key_of(resource: dict[str, Any]) -> str:

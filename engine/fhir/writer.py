@@ -165,10 +165,10 @@ class FhirWriter:
                 ans = await self._send("POST", e.type, body=resource)
             if not ans.ok:
                 return self._failed(f"{e.type} write", ans)
-            rid = (ans.body or {}).get("id") if isinstance(ans.body, dict) else None
-            if rid:
-                literal[e.ref] = f"{e.type}/{rid}"
-                written.append(f"{e.type}/{rid} {ans.status}")
+            new_id = ans.body.get("id") if isinstance(ans.body, dict) else None
+            if new_id:
+                literal[e.ref] = f"{e.type}/{new_id}"
+                written.append(f"{e.type}/{new_id} {ans.status}")
         return WriteResult(ok=True, response="; ".join(written))
 
     async def _resolve_conditional(self, resource: Any, literal: dict[str, str]) -> WriteResult | None:
