@@ -6,7 +6,6 @@ import contextlib
 import importlib.util
 import os
 import sys
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -32,7 +31,7 @@ def _load(name: str) -> ModuleType:
 servers = _load("fhir_servers")
 Sekmet = servers.Sekmet
 
-TOKEN = "test-token-" + uuid.uuid4().hex
+TOKEN = servers.TOKEN
 
 
 @pytest.fixture(scope="module")

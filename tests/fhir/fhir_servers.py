@@ -27,6 +27,8 @@ from sqlalchemy import select
 from engine.hl7.mllp import MLLPClient
 from engine.store.models import Delivery
 
+TOKEN = "test-token-" + uuid.uuid4().hex  # the bearer token sekmet_with_auth accepts
+
 
 def free_port() -> int:
     with socket.socket() as s:
