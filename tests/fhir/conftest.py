@@ -1,4 +1,5 @@
-"""Fixtures: sekmet as the EMR (one per module), the engine in-process with the shipped channels."""
+"""Fixtures: sekmet as the EMR (one per test session: identifiers are unique per test), the engine
+in-process with the shipped channels."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ Sekmet = servers.Sekmet
 TOKEN = servers.TOKEN
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sekmet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sekmet]:
     server = Sekmet(tmp_path_factory.mktemp("sekmet"))
     server.start()
@@ -44,7 +45,7 @@ def sekmet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sekmet]:
         server.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sekmet_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sekmet]:
     server = Sekmet(tmp_path_factory.mktemp("sekmet-auth"), tokens=[TOKEN])
     server.start()

@@ -117,3 +117,37 @@ async def test_invalid_resource_is_refused_and_nothing_queued(sekmet: Sekmet, en
         [reply] = await send(app, bad)
         assert ack_code(reply) == "AE"
         assert await settled(app, 0) == []
+
+
+PDF = b"%PDF-1.4\n1 0 obj<</Type/Catalog>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n"
+
+
+async def test_ed_pdf_is_readable_as_pdf_from_the_server(sekmet: Sekmet, engine_at: Any) -> None:
+    filler = uid()
+    ed = f"OBX|9|ED|PDF^Report PDF^LOCAL|1|^application^pdf^Base64^{base64.b64encode(PDF).decode()}||||||F"
+    async with engine_at(sekmet.base_url) as app:
+        await send(app, oru(uid(), filler=filler, extra=[ed]))
+        [row] = await settled(app, 1)
+    assert row.state == "done", row.last_error
+    [report] = report_of(sekmet, filler)
+    pdf = [f for f in report["presentedForm"] if f["contentType"] == "application/pdf"]
+    assert len(pdf) == 1 and base64.b64decode(pdf[0]["data"]) == PDF
+
+
+async def test_conditional_mode_creates_the_patient_once(sekmet: Sekmet, engine_at: Any) -> None:
+    filler, mrn = uid(), "MRN" + uid()
+    final = oru(uid(), filler=filler, mrn=mrn, values=[("NM", "SIZE", "1", "4")])
+    corrected = oru(uid(), filler=filler, mrn=mrn, status="C", issued="20261125130000",
+                    values=[("NM", "SIZE", "1", "5")])
+    async with engine_at(sekmet.base_url, EMR_FHIR_MODE="conditional", EMR_PATIENT_MODE="create") as app:
+        await send(app, final, corrected)
+        rows = await settled(app, 2)
+    assert [r.state for r in rows] == ["done", "done"], [r.last_error for r in rows]
+    [patient] = sekmet.search("Patient", identifier=f"urn:oid:1.2.3.4.5.1|{mrn}")
+    assert patient["name"][0]["family"] == "Doe" and patient["gender"] == "female"
+    [report] = report_of(sekmet, filler)
+    assert report["subject"]["reference"] == f"Patient/{patient['id']}"
+    assert report["status"] == "corrected"
+    [obs] = sekmet.search("Observation", identifier=f"{FILLER}|{filler}-SIZE-1")
+    assert obs["valueQuantity"]["value"] == 5 and obs["subject"]["reference"] == f"Patient/{patient['id']}"
+    assert report["result"] == [{"reference": f"Observation/{obs['id']}"}]
