@@ -55,10 +55,10 @@ def sekmet_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sekme
         server.stop()
 
 
-def engine_yaml(tmp_path: Path) -> Path:
+def engine_yaml(tmp_path: Path, channels: Path = ROOT / "channels") -> Path:
     """The shipped engine.yaml with short back-off (tests never wait minutes) and no DICOM SCP."""
     text = (ROOT / "engine.yaml").read_text()
-    text = text.replace("channels_dir: channels", f"channels_dir: {ROOT / 'channels'}")
+    text = text.replace("channels_dir: channels", f"channels_dir: {channels}")
     text = text.replace("mappings_dir: mappings", f"mappings_dir: {ROOT / 'mappings'}")
     text = text.replace("backoff_base_seconds: 1", "backoff_base_seconds: 0.2")
     text = text.replace("backoff_cap_seconds: 300", "backoff_cap_seconds: 2")
@@ -70,7 +70,7 @@ def engine_yaml(tmp_path: Path) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def running(tmp_path: Path, emr_base: str, **env: str) -> AsyncIterator[Any]:
+async def running(tmp_path: Path, emr_base: str, channels: Path = ROOT / "channels", **env: str) -> AsyncIterator[Any]:
     from engine.runtime.app import EngineApp, default_registry
     from engine.runtime.config import load_config
 
@@ -88,7 +88,7 @@ async def running(tmp_path: Path, emr_base: str, **env: str) -> AsyncIterator[An
         "EMR_FHIR_AUTH": "none",
     })
     environ.update(env)
-    loaded = load_config(engine_yaml(tmp_path), registry, env=environ)
+    loaded = load_config(engine_yaml(tmp_path, channels), registry, env=environ)
     app = EngineApp(loaded, registry)
     await app.start()
     try:

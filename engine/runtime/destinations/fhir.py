@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import httpx
@@ -29,6 +30,7 @@ from engine.runtime.destinations.base import (
     MessageContext,
     Payload,
     QueuedDestination,
+    raw_of,
 )
 from engine.runtime.registry import Registry
 
@@ -62,6 +64,9 @@ class FhirDestinationConfig(DestinationConfig):
     verify_tls: bool = True
     ca_file: str = ""
     report: ReportConfig = ReportConfig()
+    # a mapping of its own (under mappings/), run on the received HL7 v2 message: for a channel whose
+    # own mapping feeds another destination (ris-orders: worklist items, and ServiceRequests here)
+    mapping: str = ""
 
 
 class FhirDestination(QueuedDestination):
@@ -70,8 +75,9 @@ class FhirDestination(QueuedDestination):
 
     @classmethod
     def takes(cls, config: DestinationConfig) -> frozenset[str]:
-        """Resources from `output: fhir` mappings."""
-        return frozenset({"fhir"})
+        """Resources from `output: fhir` mappings; with a mapping of its own, the HL7 v2 message."""
+        assert isinstance(config, FhirDestinationConfig)
+        return frozenset({raw_of("hl7v2")}) if config.mapping else frozenset({"fhir"})
 
     def __init__(self, config: DestinationConfig, *, base_dir: Any = None) -> None:
         super().__init__(config, base_dir=base_dir)
@@ -81,6 +87,16 @@ class FhirDestination(QueuedDestination):
         self.auth = Auth(cfg.auth)
         self.client: httpx.AsyncClient | None = None
         self.writer: FhirWriter | None = None
+        self.mapping: Any = None
+        if cfg.mapping:
+            from engine.mapping import load_mapping
+
+            path = Path(cfg.mapping)
+            if not path.is_absolute():
+                path = Path(base_dir or ".") / "mappings" / path
+            self.mapping = load_mapping(path)
+            if self.mapping.output != "fhir":
+                raise ValueError(f"destination {self.name}: mapping {self.mapping.name} does not make fhir output")
 
     async def start(self) -> None:
         cfg = self.config
@@ -101,6 +117,8 @@ class FhirDestination(QueuedDestination):
     # -- synchronous stage ---------------------------------------------------------------------
     def payloads(self, ctx: MessageContext, outputs: list[Any]) -> list[Payload]:
         key = {"patient": ctx.patient_id, "destination": "", "none": ctx.control_id}[self.config.order_by]
+        if self.mapping is not None:
+            outputs = self.mapping.run(ctx.view)
         out = []
         for n, output in enumerate(outputs, 1):
             plan = self.plan(output, n if len(outputs) > 1 else 0)
