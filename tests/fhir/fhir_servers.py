@@ -27,6 +27,7 @@ from sqlalchemy import select
 from engine.hl7.mllp import MLLPClient
 from engine.store.models import Delivery
 
+ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-" + uuid.uuid4().hex  # the bearer token sekmet_with_auth accepts
 
 
@@ -263,3 +264,53 @@ def oru(
 
 def uid() -> str:
     return uuid.uuid4().hex[:10].upper()
+
+
+@dataclass
+class TokenServer:
+    """An OAuth2 token endpoint (client credentials, HTTP Basic client auth) over a real socket."""
+
+    client_id: str
+    client_secret: str
+    token: str
+    expires_in: int = 3600
+    port: int = 0
+    requests: int = 0
+    _server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/token"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import base64
+
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                headers = {k.strip().lower(): v.strip() for k, _, v in
+                           (line.partition(":") for line in head.split("\r\n")[1:] if ":" in line)}
+                body = (await reader.readexactly(int(headers.get("content-length", "0") or 0))).decode()
+                self.requests += 1
+                expected = base64.b64encode(f"{self.client_id}:{self.client_secret}".encode()).decode()
+                if headers.get("authorization") != f"Basic {expected}" or "grant_type=client_credentials" not in body:
+                    status, answer = 401, {"error": "invalid_client"}
+                else:
+                    status, answer = 200, {"access_token": self.token, "token_type": "Bearer",
+                                           "expires_in": self.expires_in}
+                data = json.dumps(answer).encode()
+                writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+                             f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()

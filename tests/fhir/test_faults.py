@@ -69,3 +69,30 @@ async def test_bad_token_is_dead_with_the_outcome_good_token_delivers(sekmet_wit
     assert rows[-1].state == "done", rows[-1].last_error
     assert len(server.search("DiagnosticReport", identifier=f"{FILLER}|{good}")) == 1
     assert server.search("DiagnosticReport", identifier=f"{FILLER}|{bad}") == []
+
+
+async def test_oauth2_client_credentials_token_is_cached(sekmet_with_auth: Any, engine_at: Any,
+                                                         tmp_path: Any) -> None:
+    server = sekmet_with_auth
+    tokens = kit.TokenServer("engine", "s3cret-" + uid(), kit.TOKEN)
+    await tokens.start()
+    channels = tmp_path / "channels"
+    channels.mkdir()
+    text = (kit.ROOT / "channels" / "ris-results.yaml").read_text()
+    text = text.replace("      token: ${EMR_FHIR_TOKEN:-}",
+                        f"      token_url: {tokens.url}\n      client_id: engine\n"
+                        "      client_secret: ${EMR_FHIR_CLIENT_SECRET}")
+    (channels / "ris-results.yaml").write_text(text)
+    fillers = [uid(), uid()]
+    try:
+        async with engine_at(server.base_url, channels=channels, EMR_FHIR_AUTH="oauth2",
+                             EMR_FHIR_CLIENT_SECRET=tokens.client_secret) as app:
+            await send(app, *(oru(uid(), filler=f) for f in fillers))
+            rows = await settled(app, 2)
+    finally:
+        await tokens.stop()
+    assert [r.state for r in rows] == ["done", "done"], [r.last_error for r in rows]
+    assert tokens.requests == 1
+    for f in fillers:
+        assert len(server.search("DiagnosticReport", identifier=f"{FILLER}|{f}")) == 1
+    assert all(tokens.client_secret not in r.last_error + r.response for r in rows)
