@@ -66,6 +66,8 @@ def engine_yaml(tmp_path: Path, channels: Path = ROOT / "channels") -> Path:
     text = text.replace("  enabled: true\n", "  enabled: false\n", 1)
     path = tmp_path / "engine.yaml"
     path.write_text(text)
+    if not (tmp_path / "mappings").exists():  # a destination's own `mapping:` is looked up beside engine.yaml
+        (tmp_path / "mappings").symlink_to(ROOT / "mappings")
     return path
 
 

@@ -36,7 +36,9 @@ def channels_with_emr(tmp_path: Path) -> Path:
     (folder / "ris-results.yaml").write_text((ROOT / "channels" / "ris-results.yaml").read_text())
     orders = (ROOT / "channels" / "ris-orders.yaml").read_text().rstrip("\n") + "\n"
     mapping = ROOT / "mappings" / "orm-to-servicerequest.yaml"
-    (folder / "ris-orders.yaml").write_text(orders + EMR_DESTINATION.format(mapping=mapping))
+    if "type: fhir" not in orders:  # until the shipped channel has it
+        orders += EMR_DESTINATION.format(mapping=mapping)
+    (folder / "ris-orders.yaml").write_text(orders)
     return folder
 
 
