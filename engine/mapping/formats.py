@@ -470,3 +470,6 @@ def study_uid(value: Any, rule: RuleContext, scope: Any) -> Any:
             location=rule.option_location("accession", scope),
         )
     return accession_uid(rule.settings.uid_root or "2.25", accession)
+
+
+from engine.mapping import formats_fhir  # noqa: E402,F401 - registers the FHIR formats

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # Each module registers its component(s) with `register(registry)`.
 COMPONENT_MODULES = [
     "engine.runtime.sources.mllp",
+    "engine.runtime.destinations.fhir",
     "engine.runtime.destinations.file",
     "engine.runtime.destinations.mllp",
     "engine.runtime.destinations.worklist",

@@ -114,7 +114,8 @@ class DeliveryWorker:
             return 0
         outcomes = await asyncio.gather(*(self._deliver(d) for d in claimed))
         attempts = [
-            queue.Attempt(d, o.ok, o.retry, o.response, o.error) for d, o in zip(claimed, outcomes, strict=True)
+            queue.Attempt(d, o.ok, o.retry, o.response, o.error, o.retry_after)
+            for d, o in zip(claimed, outcomes, strict=True)
         ]
         states = await asyncio.to_thread(queue.record, self.db, attempts, self.policy)
         for d, o in zip(claimed, outcomes, strict=True):

@@ -140,6 +140,7 @@ class Attempt:
     retry: bool = False
     response: str = ""
     error: str = ""
+    retry_after: float | None = None  # the remote's Retry-After: the back-off waits at least this long
 
 
 def record(engine: Engine, attempts: list[Attempt], policy: RetryPolicy) -> dict[int, str]:
@@ -163,6 +164,8 @@ def record(engine: Engine, attempts: list[Attempt], policy: RetryPolicy) -> dict
                 values["state"] = DeliveryState.DONE
             else:
                 wait = policy.decide(count) if attempt.retry else None
+                if wait is not None and attempt.retry_after is not None:
+                    wait = max(wait, min(attempt.retry_after, policy.cap))
                 if wait is None:
                     values["state"] = DeliveryState.DEAD
                 else:

@@ -65,6 +65,7 @@ class DeliveryOutcome:
     retry: bool = False
     response: str = ""
     error: str = ""
+    retry_after: float | None = None  # seconds the remote asked us to wait (HTTP Retry-After): a floor on the back-off
 
 
 # What a destination can take: the received bytes as they came (of any input kind, or of one:

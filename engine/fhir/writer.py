@@ -1,0 +1,249 @@
+"""Writing one plan to the server, idempotently: a transaction Bundle or conditional updates.
+
+Every resource is written by its identifier (`PUT Type?identifier=system|value`), so a resend, a
+replay or a crash between the server's answer and our `done` updates what is there instead of
+making a second one. `transaction` sends one Bundle per plan (all or nothing, `urn:uuid:`
+references resolved by the server); `conditional` sends one request per resource in dependency
+order (each idempotent, so a failure half-way is repaired by the retry).
+
+Stale reports: before writing a DiagnosticReport the writer reads the one the server holds. When
+that one was issued later (OBR-22, else MSH-7), or at the same time but as a correction, ours is
+an older version that arrived late: nothing is written, and the outcome says so. Otherwise the
+report is written with `If-Match` on the version just read, so a write that slipped in between
+makes ours fail with 412 and be retried (read again, judged again) instead of overwriting it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+from urllib.parse import quote
+
+import httpx
+
+from engine.fhir.client import FHIR_JSON, Answer, Auth, AuthError, judge, outcome_text
+from engine.fhir.resources import Plan, Planned
+
+Mode = Literal["transaction", "conditional"]
+CORRECTED = frozenset({"corrected", "amended", "appended"})
+
+
+@dataclass
+class WriteResult:
+    ok: bool
+    retry: bool = False
+    response: str = ""  # what the server answered (OperationOutcome text, locations)
+    error: str = ""  # starts with "HTTP nnn" for an HTTP failure (the log shows only that)
+    retry_after: float | None = None
+    skipped: bool = False  # a stale report: not written, on purpose
+
+
+class FhirWriter:
+    def __init__(self, client: httpx.AsyncClient, base_url: str, auth: Auth, *, mode: Mode, guard_stale: bool):
+        self.client = client
+        self.base = base_url.rstrip("/")
+        self.auth = auth
+        self.mode = mode
+        self.guard_stale = guard_stale
+
+    async def write(self, plan: Plan) -> WriteResult:
+        try:
+            versions: dict[str, tuple[str, str]] = {}
+            if self.guard_stale:
+                stale = await self._check_stale(plan, versions)
+                if stale is not None:
+                    return stale
+            if self.mode == "transaction":
+                return await self._transaction(plan, versions)
+            return await self._conditional(plan, versions)
+        except AuthError as exc:
+            return WriteResult(ok=False, retry=exc.retry, error=f"authentication failed: {exc}")
+        except httpx.TimeoutException as exc:
+            return WriteResult(ok=False, retry=True, error=f"timed out (outcome unknown): {type(exc).__name__}")
+        except httpx.TransportError as exc:
+            return WriteResult(ok=False, retry=True, error=f"not delivered: {type(exc).__name__}")
+
+    # -- requests ------------------------------------------------------------------------------
+    async def _send(self, method: str, url: str, *, body: Any = None, headers: dict[str, str] | None = None,
+                    if_match: bool = False) -> Answer:
+        h = {"Accept": FHIR_JSON, **(await self.auth.headers(self.client)), **(headers or {})}
+        if body is not None:
+            h["Content-Type"] = FHIR_JSON
+        resp = await self.client.request(method, f"{self.base}/{url}", json=body, headers=h)
+        ans = judge(resp, if_match=if_match)
+        if ans.status == 401 and self.auth.refused():
+            ans.retry = True  # an expired OAuth2 token: the next attempt fetches a new one
+        return ans
+
+    def _failed(self, what: str, ans: Answer) -> WriteResult:
+        return WriteResult(
+            ok=False,
+            retry=ans.retry,
+            retry_after=ans.retry_after,
+            response=ans.text[:4000],
+            error=f"HTTP {ans.status} on {what}: {ans.diagnostics}"[:2000],
+        )
+
+    # -- stale reports -------------------------------------------------------------------------
+    async def _check_stale(self, plan: Plan, versions: dict[str, tuple[str, str]]) -> WriteResult | None:
+        report = plan.first("DiagnosticReport")
+        if report is None or not report.key:
+            return None
+        ans = await self._send("GET", report.search)
+        if not ans.ok:
+            return self._failed("DiagnosticReport search", ans)
+        entries = [e.get("resource") for e in (ans.body or {}).get("entry") or [] if isinstance(e, dict)]
+        found = [r for r in entries if isinstance(r, dict) and r.get("resourceType") == "DiagnosticReport"]
+        if len(found) != 1:
+            return None  # none: created below; several: the conditional update says 412 itself
+        current = found[0]
+        if is_older(report.resource, current):
+            return WriteResult(
+                ok=True,
+                skipped=True,
+                response=(
+                    f"not applied: DiagnosticReport/{current.get('id')} on the server is newer "
+                    f"(status {current.get('status')}, issued {current.get('issued')}); this one is "
+                    f"{report.resource.get('status')}, issued {report.resource.get('issued')}"
+                ),
+            )
+        vid = (current.get("meta") or {}).get("versionId")
+        if current.get("id") and vid:
+            versions[report.key] = (str(current["id"]), str(vid))
+        return None
+
+    # -- transaction ---------------------------------------------------------------------------
+    async def _transaction(self, plan: Plan, versions: dict[str, tuple[str, str]]) -> WriteResult:
+        urns = {e.ref: f"urn:uuid:{uuid.uuid4()}" for e in plan.entries if e.key}
+        entries = []
+        for e in plan.entries:
+            resource = replace_references(e.resource, urns)
+            entry: dict[str, Any] = {"resource": resource, "request": self._request(e, versions, resource)}
+            if e.key:
+                entry["fullUrl"] = urns[e.ref]
+            entries.append(entry)
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+        ans = await self._send("POST", "", body=bundle, if_match=bool(versions))
+        if not ans.ok:
+            return self._failed("transaction", ans)
+        return WriteResult(ok=True, response=_locations(ans.body))
+
+    def _request(self, e: Planned, versions: dict[str, tuple[str, str]], resource: dict[str, Any]) -> dict[str, Any]:
+        if e.create_only:
+            return {"method": "POST", "url": e.type, "ifNoneExist": f"identifier={quote(e.key, safe='')}"}
+        if e.key in versions:
+            rid, vid = versions[e.key]
+            resource["id"] = rid
+            return {"method": "PUT", "url": f"{e.type}/{rid}", "ifMatch": f'W/"{vid}"'}
+        if not e.key:
+            return {"method": "POST", "url": e.type}
+        return {"method": "PUT", "url": e.search}
+
+    # -- conditional updates -------------------------------------------------------------------
+    async def _conditional(self, plan: Plan, versions: dict[str, tuple[str, str]]) -> WriteResult:
+        literal: dict[str, str] = {}
+        written = []
+        for e in plan.entries:
+            resource = replace_references(e.resource, literal)
+            unresolved = await self._resolve_conditional(resource, literal)
+            if unresolved is not None:
+                return unresolved
+            resource = replace_references(resource, literal)
+            if e.create_only:
+                ans = await self._send("POST", e.type, body=resource,
+                                       headers={"If-None-Exist": f"identifier={quote(e.key, safe='')}"})
+            elif e.key in versions:
+                rid, vid = versions[e.key]
+                resource["id"] = rid
+                ans = await self._send("PUT", f"{e.type}/{rid}", body=resource,
+                                       headers={"If-Match": f'W/"{vid}"'}, if_match=True)
+            elif e.key:
+                ans = await self._send("PUT", e.search, body=resource)
+            else:
+                ans = await self._send("POST", e.type, body=resource)
+            if not ans.ok:
+                return self._failed(f"{e.type} write", ans)
+            new_id = ans.body.get("id") if isinstance(ans.body, dict) else None
+            if new_id:
+                literal[e.ref] = f"{e.type}/{new_id}"
+                written.append(f"{e.type}/{new_id} {ans.status}")
+        return WriteResult(ok=True, response="; ".join(written))
+
+    async def _resolve_conditional(self, resource: Any, literal: dict[str, str]) -> WriteResult | None:
+        """Outside a transaction the server resolves no `Type?identifier=` reference: we do."""
+        for ref in sorted(conditional_references(resource)):
+            if ref in literal:
+                continue
+            rtype, _, query = ref.partition("?")
+            name, _, value = query.partition("=")
+            ans = await self._send("GET", f"{rtype}?{name}={quote(value, safe='')}")
+            if not ans.ok:
+                return self._failed(f"{rtype} search", ans)
+            ids = [e["resource"]["id"] for e in (ans.body or {}).get("entry") or []
+                   if isinstance(e, dict) and isinstance(e.get("resource"), dict) and e["resource"].get("id")]
+            if len(ids) != 1:
+                return WriteResult(ok=False, retry=len(ids) == 0,
+                                   error=f"{rtype} reference matched {len(ids)} resources on the server")
+            literal[ref] = f"{rtype}/{ids[0]}"
+        return None
+
+
+def replace_references(node: Any, mapping: dict[str, str]) -> Any:
+    if isinstance(node, list):
+        return [replace_references(v, mapping) for v in node]
+    if isinstance(node, dict):
+        out = {k: replace_references(v, mapping) for k, v in node.items()}
+        ref = node.get("reference")
+        if isinstance(ref, str) and ref in mapping:
+            out["reference"] = mapping[ref]
+        return out
+    return node
+
+
+def conditional_references(node: Any) -> set[str]:
+    found: set[str] = set()
+    if isinstance(node, list):
+        for v in node:
+            found |= conditional_references(v)
+    elif isinstance(node, dict):
+        ref = node.get("reference")
+        if isinstance(ref, str) and "?" in ref and not ref.startswith(("http:", "https:", "urn:")):
+            found.add(ref)
+        for k, v in node.items():
+            if k != "reference":
+                found |= conditional_references(v)
+    return found
+
+
+def _instant(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return dt if dt.tzinfo is not None else None
+
+
+def is_older(ours: dict[str, Any], current: dict[str, Any]) -> bool:
+    """True when `ours` is an earlier version than what the server holds (and must not replace it)."""
+    a, b = _instant(ours.get("issued")), _instant(current.get("issued"))
+    if a is None or b is None:
+        return False  # cannot tell: the last one sent wins, as without the check
+    if a < b:
+        return True
+    return a == b and current.get("status") in CORRECTED and ours.get("status") not in CORRECTED
+
+
+def _locations(body: Any) -> str:
+    if not isinstance(body, dict):
+        return ""
+    out = []
+    for e in body.get("entry") or []:
+        resp = e.get("response") or {} if isinstance(e, dict) else {}
+        out.append(f"{str(resp.get('location', '')).split('/_history')[0]} {resp.get('status', '')}".strip())
+        if resp.get("outcome"):
+            out.append(outcome_text(resp["outcome"]))
+    return "; ".join(out)
