@@ -48,10 +48,11 @@ def resolve_sample(mapping_path: Path, name: str) -> Path | None:
 
 
 def check_examples(mapping: Mapping) -> list[str]:
-    """Every failing example as 'file:line example N: what differs' ([] = all pass)."""
+    """Every failing example as 'file:line:col examples.N: example N+1: what differs' ([] = all
+    pass): the one problem format of `engine check`, with the example counted as analysts do."""
     failures: list[str] = []
     for ex in mapping.examples:
-        where = f"{mapping.display}:{ex.line} example {ex.number}"
+        where = f"{mapping.display}:{ex.line}:{ex.column} examples.{ex.number - 1}: example {ex.number}"
         try:
             msg = example_message(mapping, ex)
         except (OSError, ProcessingError) as exc:

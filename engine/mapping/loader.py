@@ -58,6 +58,7 @@ class Example:
     error: dict[str, Any] | None = None  # expected refusal: {code, location, text}
     description: str = ""
     warnings: list[dict[str, Any]] = field(default_factory=list)  # expected: {code, location, target, text}
+    column: int = 1
 
 
 class Mapping:
@@ -273,7 +274,8 @@ def _examples(doc: YamlDocument, items: list[Any], problems: list[Problem]) -> l
         if parsed is None:
             continue
         error = parsed.error.model_dump(exclude_none=True) if parsed.error is not None else None
-        line = position(node, i)[0]
+        line, column = position(node, i)
         warnings = [w.model_dump(exclude_none=True) for w in parsed.warnings]
-        out.append(Example(i + 1, line, parsed.message, plain(parsed.expect), error, parsed.description, warnings))
+        out.append(Example(i + 1, line, parsed.message, plain(parsed.expect), error, parsed.description, warnings,
+                           column))
     return out

@@ -79,7 +79,7 @@ def test_failing_examples_say_where_and_what(write_mapping, orm):
     m = load_mapping(write_mapping(text))
     failures = check_examples(m)
     joined = "\n".join(failures)
-    assert "m.yaml:12 example 1: output[0].order: expected 'CA', got 'NW'" in joined
+    assert "m.yaml:12:5 examples.0: example 1: output[0].order: expected 'CA', got 'NW'" in joined
     assert "example 1: output[0].missing: missing" in joined
     assert "example 2: cannot read the message" in joined
     assert "example 3: mapping refused the message" in joined and "code 101" in joined

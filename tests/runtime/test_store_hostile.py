@@ -121,3 +121,24 @@ async def test_a_batch_with_no_message_is_stored_and_refused(app: EngineApp) -> 
     assert reply.get("MSA-1") == "AR"
     (row,) = rows(app)
     assert row["status"] == "error" and row["raw"] == frame
+
+
+async def test_overlong_order_values_are_cut_or_refused_never_a_store_error(app: EngineApp) -> None:
+    """PID-5 / OBR-18 / PID-3.1 of thousands of characters used to fail PostgreSQL's index rows."""
+    sample = (SAMPLES / "orm_o01_ct.hl7").read_bytes()
+
+    async def order(control_id: str, **fields: str) -> Message:
+        msg = Message.parse(sample)
+        msg.set("MSH-10", control_id, raw=True)
+        for path, value in fields.items():
+            msg.set(path, value, raw=True)
+        async with MLLPClient("127.0.0.1", app.port_of("ris-orders"), read_timeout=20) as client:
+            return Message.parse(await client.send(msg.encode()))
+
+    cut = await order("LONG-1", **{"PID-5": "N" * 5000, "OBR-18": "A" * 3000, "ORC-3": "F" * 3000})
+    assert cut.get("MSA-1") == "AA", cut.text
+    assert all(e.fields[4] == "W" for e in cut.segments("ERR")) and cut.segments("ERR")
+    refused = await order("LONG-2", **{"PID-3.1": "9" * 3000})
+    assert refused.get("MSA-1") == "AE" and refused.get("ERR-3.1") == "102", refused.text  # never cut: dropped
+    stored = {r["control_id"]: r["status"] for r in rows(app)}
+    assert stored == {"LONG-1": "processed", "LONG-2": "error"}
