@@ -52,11 +52,26 @@ def _check(ds: Dataset, depth: int = 0) -> None:
                 _check(item, depth + 1)
 
 
+def _check_consumed(event: Event, identifier: Dataset) -> None:
+    """pydicom stops quietly at bytes it cannot read as an element: every byte must belong to one."""
+    stream = getattr(event.request, "Identifier", None)  # C-FIND, C-GET, C-MOVE carry one
+    size = len(stream.getvalue()) if stream is not None else 0
+    if not size or event.context.transfer_syntax.is_deflated:  # deflated: offsets count inflated bytes
+        return
+    if not identifier._dict:
+        raise UndecodableIdentifier("no element in the identifier's bytes")
+    last = list(identifier._dict.values())[-1]
+    if isinstance(last, RawDataElement) and last.length != UNDEFINED_LENGTH:
+        if last.value_tell + last.length != size:
+            raise UndecodableIdentifier("bytes after the last element")
+
+
 def read_identifier(event: Event) -> Dataset:
     """The request's identifier, checked; raises UndecodableIdentifier or EmptyIdentifier."""
     try:
         identifier = event.identifier
         _check(identifier)
+        _check_consumed(event, identifier)
     except UndecodableIdentifier:
         raise
     except Exception as exc:  # whatever pydicom raises on bytes that are not a dataset

@@ -352,6 +352,7 @@ class DicomApplication:
             server.tls = self.tls
             server.handshake_timeout = self.timeouts.acse
             threading.Thread(target=server.serve_forever, name="dicom-tls-acceptor", daemon=True).start()
+            ae._servers.append(server)  # as start_server does: the server's shutdown() removes it there
             self._server = server
         self._ae = ae
         log.info(

@@ -39,9 +39,7 @@ class SlotRefused(Exception):
 
 
 class AssociationSlots:
-    def __init__(
-        self, max_associations: int, max_per_caller: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, max_associations: int, max_per_caller: int, clock: Callable[[], float] = time.monotonic) -> None:
         if max_associations < 1 or max_per_caller < 1:
             raise ValueError("association limits must be at least 1")
         self.max_associations = max_associations
