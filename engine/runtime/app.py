@@ -117,13 +117,34 @@ class EngineApp:
             log.info("channel %s (%s) listening on %s", spec.config.name, spec.input.type, ep)
 
     def _start_scp(self) -> None:
-        from engine.dicom.scp import DicomApplication, ServiceContext
+        from engine.dicom.scp import DicomApplication, DicomTimeouts, ServiceContext
         from engine.dicom.services import DEFAULT_SERVICES, default_registry
+        from engine.hl7.mllp import server_ssl_context  # plain TLS set-up, shared with MLLP
 
         d = self.config.engine.dicom
         assert self.db is not None
         services = default_registry().build(DEFAULT_SERVICES, ServiceContext(self.db, d.model_dump()))
-        self.scp = DicomApplication(d.ae_title, d.host, d.port, services, allowed_callers=d.allowed_callers or None)
+        tls = None
+        if d.tls is not None:
+            base = self.config.base_dir
+            tls = server_ssl_context(
+                str(base / d.tls.cert),
+                str(base / d.tls.key),
+                str(base / d.tls.ca) if d.tls.ca else None,
+                d.tls.require_client_cert,
+            )
+        self.scp = DicomApplication(
+            d.ae_title,
+            d.host,
+            d.port,
+            services,
+            allowed_callers=d.allowed_callers or None,
+            check_called_aet=d.check_called_aet,
+            max_associations=d.max_associations,
+            max_associations_per_caller=d.max_associations_per_caller,
+            timeouts=DicomTimeouts(d.idle_timeout_seconds, d.acse_timeout_seconds, d.dimse_timeout_seconds),
+            tls=tls,
+        )
         self.scp.start()  # logs its AE title, address and services
 
     def _start_jobs(self) -> None:

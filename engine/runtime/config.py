@@ -39,12 +39,31 @@ class StorageConfig(Strict):
 
 
 class DicomConfig(Strict):
+    class TLS(Strict):
+        """As an MLLP source's `tls:`; the key and certificate are PEM files."""
+
+        cert: str
+        key: str
+        ca: str | None = None  # required with require_client_cert (mutual TLS)
+        require_client_cert: bool = False
+
+        def model_post_init(self, _context: Any) -> None:
+            if self.require_client_cert and self.ca is None:
+                raise ValueError("dicom.tls.require_client_cert needs ca (the CA that signs modality certificates)")
+
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(11112, ge=0, le=65535)
     ae_title: str = Field("ENGINE", min_length=1, max_length=16)
-    allowed_callers: list[str] = []
+    allowed_callers: list[str] = []  # exact AE titles; leading/trailing spaces are not significant
+    check_called_aet: bool = True  # an association to another called AE title gets A-ASSOCIATE-RJ
     station_from_caller: bool = False
+    max_associations: int = Field(32, ge=1)  # at the limit the association idle longest makes room
+    max_associations_per_caller: int = Field(8, ge=1)
+    idle_timeout_seconds: float | None = Field(300.0, gt=0)  # pynetdicom network_timeout; null: never
+    acse_timeout_seconds: float = Field(30.0, gt=0)  # A-ASSOCIATE-RQ (and TLS handshake) within this
+    dimse_timeout_seconds: float = Field(30.0, gt=0)
+    tls: TLS | None = None
 
 
 class WorklistConfig(Strict):

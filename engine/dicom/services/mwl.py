@@ -1,8 +1,9 @@
 """Modality Worklist C-FIND (PS3.4 annex K, IHE RAD-5) over the worklist table.
 
 Thin on purpose: the identifier goes to `query.find`, answers are yielded with 0xFF00 and the
-handler checks `event.is_cancelled` between them. An invalid identifier gets 0xA900, anything
-else that raises 0xC001, a caller outside the allowlist 0xC002; nothing escapes into pynetdicom.
+handler checks `event.is_cancelled` between them. An identifier whose bytes are not a dataset gets
+0xC000, an empty one or an invalid one 0xA900, anything else that raises 0xC001, a caller outside
+the allowlist 0xC002; nothing escapes into pynetdicom.
 Handlers run in pynetdicom's threads, so each query takes its own connection from the engine.
 """
 
@@ -17,6 +18,7 @@ from pynetdicom.events import Event, EventType
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]  # pynetdicom makes its SOP classes at import
 from sqlalchemy import Engine
 
+from engine.dicom.identifier import EmptyIdentifier, UndecodableIdentifier, read_identifier
 from engine.dicom.matching import MalformedQuery
 from engine.dicom.query import find
 from engine.dicom.scp import DicomServiceRegistry, Handler, ServiceContext, caller_aet, caller_allowed
@@ -29,6 +31,7 @@ PENDING = 0xFF00
 CANCEL = 0xFE00
 SUCCESS = 0x0000
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
 UNABLE_TO_PROCESS = 0xC001
 NOT_ALLOWED = 0xC002  # caller not in allowed_callers (when it got past association negotiation)
 
@@ -62,9 +65,13 @@ class WorklistService:
             yield NOT_ALLOWED, None
             return
         try:
-            identifier = event.identifier
-        except Exception:  # undecodable dataset
-            log.warning("C-FIND from %s: identifier cannot be decoded", caller)
+            identifier = read_identifier(event)
+        except UndecodableIdentifier as exc:
+            log.warning("C-FIND from %s: identifier cannot be decoded (%s)", caller, exc)
+            yield CANNOT_UNDERSTAND, None
+            return
+        except EmptyIdentifier:
+            log.warning("C-FIND from %s: empty identifier", caller)
             yield IDENTIFIER_DOES_NOT_MATCH, None
             return
         count = 0
