@@ -120,6 +120,22 @@ def init_db(engine: Engine) -> None:
     from engine.store import schema  # noqa: F401  (imports every table module)
 
     SQLModel.metadata.create_all(engine)
+    _add_missing_columns(engine)
     from engine.store import crypto
 
     crypto.check_store(engine)  # a wrong ENGINE_KEY is refused here, at start
+
+
+# columns added since a store may have been created: (table, column, SQL type and default)
+ADDED_COLUMNS = (("messages", "warnings", "TEXT NOT NULL DEFAULT ''"),)
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """A store made by an earlier version gets the columns added since (create_all adds none)."""
+    from sqlalchemy import inspect
+
+    inspector = inspect(engine)
+    for table, column, ddl in ADDED_COLUMNS:
+        if column not in {c["name"] for c in inspector.get_columns(table)}:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")

@@ -128,3 +128,27 @@ def test_retry_policy_caps_and_gives_up() -> None:
     p = queue.RetryPolicy(max_attempts=5, base=1, cap=10, jitter=0.0)
     assert [p.decide(n) for n in range(1, 6)] == [1, 2, 4, 8, None]
     assert queue.RetryPolicy(max_attempts=50, base=1, cap=10, jitter=0).decide(20) == 10
+
+
+def test_a_store_from_before_the_warnings_column_gets_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import sqlalchemy
+
+    from engine.store.db import init_db, make_engine
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    db = make_engine(url)
+    init_db(db)
+    db.dispose()
+    old = sqlalchemy.create_engine(url)
+    with old.begin() as conn:  # the messages table as an earlier version made it: no `warnings`
+        conn.exec_driver_sql("ALTER TABLE messages DROP COLUMN warnings")
+        conn.exec_driver_sql("INSERT INTO messages (channel, sender, control_id, message_type, patient_id, body_hash,"
+                             " raw, received_at, status, flags, error, error_location, ack)"
+                             " VALUES ('ris-orders', '', '1', '', '', '', x'00', '2026-11-25', 'processed', '', '', '',"
+                             " '')")
+    old.dispose()
+    db = make_engine(url)
+    init_db(db)
+    with db.connect() as conn:
+        assert conn.exec_driver_sql("SELECT warnings FROM messages").scalar() == ""
+    db.dispose()
