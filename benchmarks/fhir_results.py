@@ -42,7 +42,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from _load import LoadResult, run_load  # noqa: E402
+from _load import LoadResult, free_port, run_load, wait_port  # noqa: E402
 
 
 def _servers() -> ModuleType:
@@ -53,23 +53,6 @@ def _servers() -> ModuleType:
     sys.modules["fhir_servers"] = module
     spec.loader.exec_module(module)
     return module
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listens on port {port}")
 
 
 def copy_config(folder: Path) -> Path:
@@ -205,7 +188,7 @@ def main() -> None:
         hole_url = f"http://127.0.0.1:{hole.getsockname()[1]}/fhir"
         engine = start_engine(config, engine_env(folder, port, hole_url, "300"), folder / "engine.log")
         try:
-            wait_port(port)
+            wait_port(port, timeout=120)
             asyncio.run(run_load("127.0.0.1", port, warm, args.connections))
             ingest = asyncio.run(run_load("127.0.0.1", port, bodies, args.connections))
         finally:
