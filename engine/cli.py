@@ -99,6 +99,9 @@ def _db(config: Path) -> tuple[Any, Any]:
     from engine.store.db import init_db, make_engine
 
     loaded = _load(config, load_mappings=False)
+    # the folder-mode and no-key warnings are said by `engine run` at start, not by every listing
+    logging.getLogger("engine.store.files").setLevel(logging.ERROR)
+    logging.getLogger("engine.store.crypto").setLevel(logging.ERROR)
     try:
         crypto.configure(crypto.key_from_env())  # each command reads ENGINE_KEY as it is now
         db = make_engine(loaded.storage_url)
