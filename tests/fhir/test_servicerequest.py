@@ -12,7 +12,8 @@ from engine.hl7.mllp import MLLPClient
 kit = sys.modules["fhir_servers"]  # loaded by conftest.py (tests are not a package)
 ROOT = Path(__file__).resolve().parents[2]
 
-# what the lead adds to channels/ris-orders.yaml (with `mapping: orm-to-servicerequest.yaml`)
+# the shipped channels/ris-orders.yaml has this destination (off unless EMR_ORDERS_ENABLED=true);
+# a copy of its shape, for a channel file without it
 EMR_DESTINATION = """
   - name: emr
     type: fhir
@@ -48,7 +49,7 @@ async def test_order_and_its_cancel_update_one_servicerequest(sekmet: Any, engin
     order = raw.replace(b"PL1001", placer.encode()).replace(b"ORM0001", kit.uid().encode())
     cancel = order.replace(b"ORC|NW|", b"ORC|CA|").replace(b"||SC||", b"||CA||")
     cancel = cancel.replace(order.split(b"|")[9], kit.uid().encode(), 1)  # a new MSH-10
-    async with engine_at(sekmet.base_url, channels=channels_with_emr(tmp_path)) as app:
+    async with engine_at(sekmet.base_url, channels=channels_with_emr(tmp_path), EMR_ORDERS_ENABLED="true") as app:
         client = MLLPClient("127.0.0.1", app.port_of("ris-orders"), connect_timeout=5, read_timeout=30)
         try:
             replies = [await client.send(m) for m in (order, cancel)]
