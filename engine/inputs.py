@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -30,7 +30,6 @@ class AdapterOptions(BaseModel):
     type: str
 
 
-@runtime_checkable
 class View(Protocol):
     """A parsed unit as rules and filters read it: a value by path ("PID-3.1", "status")."""
 

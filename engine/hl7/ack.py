@@ -219,7 +219,7 @@ def ack_codec(msg: Message) -> str:
     used = msg._codec  # None: the bytes were pure ASCII and MSH-18 was not consulted
     if used is not None and used != "ascii":
         return used if python_codec(used) else "ascii"
-    declared = python_codec(_first_rep(msg, 18))
+    declared = python_codec(msg.charset)
     return declared if declared and ascii_compatible(declared) else "ascii"
 
 
@@ -232,20 +232,13 @@ def check_charset(msg: Message, override: str | None = None) -> None:
     """
     if override:
         return
-    declared = _first_rep(msg, 18)
+    declared = msg.charset
     if declared.strip() and python_codec(declared) is None:
         raise ProcessingError(
             f"unknown character set {declared[:40]!r} (not an HL7 table 0211 text encoding)",
             TABLE_VALUE_NOT_FOUND,
             "MSH-18",
         )
-
-
-def _first_rep(msg: Message, n: int) -> str:
-    fields = msg._first_fields("MSH") or []
-    value = fields[n] if n < len(fields) else ""
-    rs = msg.encoding.repetition
-    return value.split(rs, 1)[0] if rs in value else value
 
 
 def _stated_charset(declared: str, codec: str) -> str:
@@ -281,7 +274,7 @@ def build_ack(
 
         h = {k: raw(n) for k, n in (("MSH-3", 3), ("MSH-4", 4), ("MSH-5", 5), ("MSH-6", 6), ("MSH-10", 10),
                                     ("MSH-11", 11), ("MSH-12", 12))}
-        h["MSH-18"] = _stated_charset(_first_rep(msg, 18), ack_codec(msg))
+        h["MSH-18"] = _stated_charset(msg.charset, ack_codec(msg))
         h["trigger"] = escape(msg.trigger, enc)
         h["MSH-12.1"] = msg.version
         return _build(h, enc, code, error, control_id, warnings)

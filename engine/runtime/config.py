@@ -130,9 +130,9 @@ class ChannelSpec:
     input: AdapterOptions
     destinations: list[DestinationConfig]
     file: Path
+    doc: YamlDocument  # where each key came from, for problems found across channels
     mappings: dict[str, Any] = field(default_factory=dict)  # type -> compiled Mapping
     filter_conditions: list[Any] = field(default_factory=list)
-    doc: YamlDocument | None = None  # where each key came from, for problems found across channels
 
 
 @dataclass
@@ -192,10 +192,11 @@ def load_config(
         if engine_cfg.dicom.enabled and engine_cfg.dicom.port:
             listening[(engine_cfg.dicom.host, engine_cfg.dicom.port)] = "the DICOM listener (engine.yaml dicom.port)"
         for file in sorted(channels_dir.glob("*.y*ml")):
-            spec, chdoc, found = _load_channel(file, base, engine_cfg, registry, env, load_mappings)
+            spec, found = _load_channel(file, base, engine_cfg, registry, env, load_mappings)
             problems += found
-            if spec is None or chdoc is None:
+            if spec is None:
                 continue
+            chdoc = spec.doc
             if spec.config.name in seen:
                 other = seen[spec.config.name]
                 problems.append(chdoc.problem(("name",), f"channel name {spec.config.name!r} is also used by {other}"))
@@ -224,10 +225,10 @@ def _load_channel(
     registry: Registry,
     env: Mapping[str, str] | None,
     load_mappings: bool,
-) -> tuple[ChannelSpec | None, YamlDocument | None, list[Problem]]:
+) -> tuple[ChannelSpec | None, list[Problem]]:
     doc, problems = read_yaml(file, env=env, display=_rel(file, base))
     if doc is None:
-        return None, None, problems
+        return None, problems
     raw: dict[str, Any] = dict(doc.data) if isinstance(doc.data, dict) else {}
     for key, place in MOVED_KEYS.items():
         if key in raw:
@@ -261,7 +262,7 @@ def _load_channel(
     if isinstance(when, list):
         conditions = _compile_filters(doc, when, problems)
     if cfg is None or source is None or options is None:
-        return None, doc, problems
+        return None, problems
     spec = ChannelSpec(
         config=cfg,
         source=source,
@@ -273,7 +274,7 @@ def _load_channel(
         doc=doc,
     )
     problems += _check_routes(doc, spec, registry, load_mappings)
-    return spec, doc, problems
+    return spec, problems
 
 
 def _input(
