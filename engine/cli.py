@@ -186,6 +186,7 @@ def run(ctx: typer.Context, config: ConfigOpt = None) -> None:
     for noisy in ("pynetdicom", "apscheduler"):  # pynetdicom logs identifiers (PHI) at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from engine.runtime.app import EngineApp, default_registry
+    from engine.runtime.cluster import ClusterError
 
     async def main() -> None:
         engine_app = EngineApp(loaded, default_registry())
@@ -193,7 +194,11 @@ def run(ctx: typer.Context, config: ConfigOpt = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await engine_app.start()
+        try:
+            await engine_app.start()
+        except ClusterError as exc:  # another process owns the store: say so, start nothing
+            await engine_app.stop()
+            _fail(str(exc))
         for what, ep in engine_app.endpoints():
             console.print(f"  {what:<16} {ep}", highlight=False)
         console.print("engine running; Ctrl-C stops it", highlight=False)

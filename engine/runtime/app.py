@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from engine.hl7.adapter import HL7Adapter
+from engine.runtime.cluster import Cluster
 from engine.runtime.config import ChannelSpec, LoadedConfig
 from engine.runtime.delivery import DeliveryWorker
 from engine.runtime.destinations.base import QueuedDestination
@@ -65,6 +66,7 @@ class EngineApp:
     channels: dict[str, RunningChannel] = field(default_factory=dict)
     scp: Any = None
     scheduler: Any = None
+    cluster: Cluster | None = None
 
     async def start(self) -> None:
         cfg = self.config.engine
@@ -74,10 +76,8 @@ class EngineApp:
         self.db = make_engine(self.config.storage_url)
         await asyncio.to_thread(init_db, self.db)
         crypto.announce()  # once per start: encrypted at rest with key id ..., or PHI stored unencrypted
-        if self.db.dialect.name == "sqlite":  # one process owns the file: old claims are a dead process's
-            released = await asyncio.to_thread(queue.release_claims, self.db)
-            if released:
-                log.warning("%d deliveries in flight when the engine last stopped are queued again", released)
+        self.cluster = Cluster(self.db, cfg.cluster)
+        await self.cluster.join()  # refuses a store another process owns; queues a dead one's claims again
         self.writer = Writer(
             self.db, max_batch=cfg.storage.max_batch, dedupe_window=timedelta(hours=cfg.storage.dedupe_window_hours)
         )
@@ -91,9 +91,10 @@ class EngineApp:
         if cfg.dicom.enabled:
             self._start_scp()
         self._start_jobs()
+        await self.cluster.announce([f"{what} {ep}" for what, ep in self.endpoints()])
 
     async def _start_channel(self, spec: ChannelSpec, policy: queue.RetryPolicy) -> None:
-        assert self.writer is not None and self.db is not None
+        assert self.writer is not None and self.db is not None and self.cluster is not None
         pipeline = Pipeline.build(spec, self.registry, self.writer, self.config.base_dir)
         for dest in pipeline.destinations:
             await dest.start()
@@ -107,7 +108,7 @@ class EngineApp:
                 queued,
                 policy,
                 poll_interval=self.config.engine.delivery.poll_interval_seconds,
-                stall=timedelta(seconds=self.config.engine.delivery.stall_seconds),
+                owner=self.cluster.owner,
             )
             worker.start()
             pipeline.on_queued = worker.poke
@@ -152,17 +153,21 @@ class EngineApp:
 
         from engine.runtime.jobs_worklist import purge_worklist
 
+        assert self.cluster is not None
         w = self.config.engine.worklist
         self.scheduler = AsyncIOScheduler()
+        leader_only = self.cluster.leader_only  # every node schedules a job; the leader runs it
         self.scheduler.add_job(
             asyncio.to_thread,
             "interval",
             minutes=w.purge_interval_minutes,
             id="worklist-purge",
-            args=[purge_worklist, self.db, timedelta(hours=w.retention_hours), timedelta(days=w.idle_days)],
+            args=[leader_only("worklist-purge", purge_worklist), self.db, timedelta(hours=w.retention_hours),
+                  timedelta(days=w.idle_days)],
             coalesce=True,
             max_instances=1,
         )
+        self.cluster.add_jobs(self.scheduler, timedelta(hours=self.config.engine.storage.dedupe_window_hours))
         self.scheduler.start()
 
     async def stop(self) -> None:
@@ -179,6 +184,8 @@ class EngineApp:
             self.scp.stop()
         if self.writer is not None:
             await asyncio.to_thread(self.writer.stop)
+        if self.cluster is not None:
+            await self.cluster.leave()
         if self.db is not None:
             self.db.dispose()
 

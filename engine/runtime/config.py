@@ -77,7 +77,20 @@ class DeliveryConfig(Strict):
     backoff_base_seconds: float = 1.0
     backoff_cap_seconds: float = 300.0
     poll_interval_seconds: float = 0.2
-    stall_seconds: float = 300.0  # a claim older than this belongs to a dead process: take it back
+
+
+class ClusterConfig(Strict):
+    """Several engine processes on one PostgreSQL store (ENGINE_CLUSTER). Outside cluster mode a
+    second process on the same store is refused."""
+
+    enabled: bool = False
+    node_name: str = Field("", max_length=200)  # ENGINE_NODE_NAME; empty: host name + process id
+    heartbeat_seconds: float = Field(5.0, gt=0)  # node row, leader lease and claim leases renewed this often
+    lease_seconds: float = Field(30.0, gt=0)  # a claim or the leadership not renewed this long has lapsed
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.lease_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError("cluster.lease_seconds must be at least twice cluster.heartbeat_seconds")
 
 
 class EngineConfig(Strict):
@@ -89,6 +102,7 @@ class EngineConfig(Strict):
     dicom: DicomConfig = DicomConfig()
     worklist: WorklistConfig = WorklistConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
 
 class FilterConfig(Strict):

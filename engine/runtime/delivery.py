@@ -1,8 +1,9 @@
 """Drains a channel's queued deliveries: claim a group, deliver, record the group at once.
 
 A claim returns at most the head of each ordering key, so per-key order holds; heads of different
-keys go out concurrently. The database calls run in a worker thread so the event loop keeps
-answering senders meanwhile.
+keys go out concurrently. The claims are this node's: their lease is renewed while the group is
+out (however slow the receiver), and a result is recorded only while the claim is still ours. The
+database calls run in a worker thread so the event loop keeps answering senders meanwhile.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from datetime import timedelta
 
 from sqlalchemy import Engine
 
@@ -69,7 +69,8 @@ class DeliveryWorker:
         *,
         poll_interval: float = 0.2,
         batch: int = 64,
-        stall: timedelta = timedelta(minutes=5),
+        owner: queue.Owner = queue.Owner(),
+        renew_every: float | None = None,
     ) -> None:
         self.db = db
         self.channel = channel
@@ -77,7 +78,9 @@ class DeliveryWorker:
         self.policy = policy
         self.poll_interval = poll_interval
         self.batch = batch
-        self.stall = stall
+        self.owner = owner
+        # renewed well before the lease lapses: a third of it, so two renewals may fail in a row
+        self.renew_every = renew_every if renew_every is not None else owner.lease.total_seconds() / 3
         self.wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -109,17 +112,25 @@ class DeliveryWorker:
                 self.wakeup.clear()
 
     async def drain_once(self) -> int:
-        claimed = await asyncio.to_thread(queue.claim, self.db, self.channel, limit=self.batch, stall=self.stall)
+        claimed = await asyncio.to_thread(queue.claim, self.db, self.channel, limit=self.batch, owner=self.owner)
         if not claimed:
             return 0
-        outcomes = await asyncio.gather(*(self._deliver(d) for d in claimed))
+        for d in claimed:
+            if d.resent:
+                log.warning("channel=%s delivery=%s destination=%s message=%s %s", self.channel, d.id,
+                            d.destination, d.message_id, d.resent)
+        renewing = asyncio.create_task(self._renew([d.id for d in claimed]))
+        try:
+            outcomes = await asyncio.gather(*(self._deliver(d) for d in claimed))
+        finally:
+            renewing.cancel()
         attempts = [
             queue.Attempt(d, o.ok, o.retry, o.response, o.error, o.retry_after)
             for d, o in zip(claimed, outcomes, strict=True)
         ]
         states = await asyncio.to_thread(queue.record, self.db, attempts, self.policy)
         for d, o in zip(claimed, outcomes, strict=True):
-            if not o.ok:
+            if not o.ok and states[d.id] != queue.DISCARDED:
                 log.warning(
                     "channel=%s delivery=%s destination=%s message=%s state=%s error=%s",
                     self.channel,
@@ -130,6 +141,15 @@ class DeliveryWorker:
                     failure_kind(o.error),
                 )
         return len(claimed)
+
+    async def _renew(self, ids: list[int]) -> None:
+        """Keep the group's claims while it is out."""
+        while True:
+            await asyncio.sleep(self.renew_every)
+            try:
+                await asyncio.to_thread(queue.renew, self.db, ids, self.owner)
+            except Exception as exc:
+                log.warning("channel %s: claim lease renewal failed (%s); retrying", self.channel, type(exc).__name__)
 
     async def _deliver(self, d: queue.ClaimedDelivery) -> DeliveryOutcome:
         dest = self.destinations.get(d.destination)

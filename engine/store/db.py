@@ -8,6 +8,7 @@ Readers that must not queue behind the writer (worklist C-FIND) use `make_read_e
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from pathlib import Path
@@ -18,6 +19,8 @@ from sqlalchemy.engine import make_url
 from sqlmodel import SQLModel
 
 from engine.store import files
+
+log = logging.getLogger(__name__)
 
 
 def is_sqlite(url: str) -> bool:
@@ -117,21 +120,36 @@ def make_read_engine(db: Engine) -> Engine:
 
 def init_db(engine: Engine) -> None:
     """Create every table the engine uses (idempotent)."""
+    from sqlalchemy import inspect
+
     from engine.store import schema  # noqa: F401  (imports every table module)
 
+    tables = set(inspect(engine).get_table_names())
     SQLModel.metadata.create_all(engine)
     _add_missing_columns(engine)
+    _backfill_keys(engine, "dedupe_keys" in tables or "messages" not in tables)
     from engine.store import crypto
 
     crypto.check_store(engine)  # a wrong ENGINE_KEY is refused here, at start
 
 
 # columns added since a store may have been created: (table, column, SQL type and default)
-ADDED_COLUMNS = (("messages", "warnings", "TEXT NOT NULL DEFAULT ''"),)
+ADDED_COLUMNS = (
+    ("messages", "warnings", "TEXT NOT NULL DEFAULT ''"),
+    ("deliveries", "claimed_by", "VARCHAR(200) NOT NULL DEFAULT ''"),
+    ("deliveries", "lease_until", "TIMESTAMP WITH TIME ZONE"),  # SQLite takes the name, stores ISO text
+    ("deliveries", "claims", "INTEGER NOT NULL DEFAULT 0"),
+    ("deliveries", "resent", "TEXT NOT NULL DEFAULT ''"),
+    ("worklist_items", "order_key", "VARCHAR NOT NULL DEFAULT ''"),
+    ("worklist_items", "step_key", "VARCHAR NOT NULL DEFAULT ''"),
+)
+# indexes added since (create_all makes a table's indexes only with the table)
+ADDED_INDEXES = (("worklist_items", "ux_worklist_order_step"),)
 
 
 def _add_missing_columns(engine: Engine) -> None:
-    """A store made by an earlier version gets the columns added since (create_all adds none)."""
+    """A store made by an earlier version gets the columns and indexes added since (create_all
+    adds none), and its dedupe keys from the messages it holds."""
     from sqlalchemy import inspect
 
     inspector = inspect(engine)
@@ -139,3 +157,18 @@ def _add_missing_columns(engine: Engine) -> None:
         if column not in {c["name"] for c in inspector.get_columns(table)}:
             with engine.begin() as conn:
                 conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
+    for table, name in ADDED_INDEXES:
+        if name not in {i["name"] for i in inspector.get_indexes(table)}:
+            (index,) = [i for i in SQLModel.metadata.tables[table].indexes if i.name == name]
+            index.create(engine, checkfirst=True)
+
+
+def _backfill_keys(engine: Engine, had_keys: bool) -> None:
+    if had_keys:
+        return
+    from engine.store import dedupe
+
+    with engine.begin() as conn:
+        count = dedupe.backfill(conn)
+    if count:
+        log.info("dedupe keys made for %d stored messages", count)

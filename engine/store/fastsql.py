@@ -19,7 +19,8 @@ from sqlalchemy.engine import Connection, Dialect
 class RawInsert:
     """`INSERT ... RETURNING id` for one table, one row per execute."""
 
-    def __init__(self, table: Table, dialect: Dialect) -> None:
+    def __init__(self, table: Table, dialect: Dialect, on_conflict: str = "") -> None:
+        """`on_conflict`: an `ON CONFLICT ... DO NOTHING` clause; a row it skips returns no id."""
         self.columns = [c.name for c in table.columns if not c.primary_key]
         # scalar column defaults stand in for keys a caller leaves out
         self.defaults = {
@@ -29,7 +30,9 @@ class RawInsert:
         }
         mark = marker(dialect)
         names = ", ".join(self.columns)
-        self.sql = f"INSERT INTO {table.name} ({names}) VALUES ({', '.join([mark] * len(self.columns))}) RETURNING id"
+        conflict = f" {on_conflict}" if on_conflict else ""
+        self.sql = (f"INSERT INTO {table.name} ({names}) VALUES ({', '.join([mark] * len(self.columns))})"
+                    f"{conflict} RETURNING id")
         self.processors: list[Callable[[Any], Any] | None] = [
             table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in self.columns
         ]
@@ -49,6 +52,16 @@ class RawInsert:
                 cursor.execute(self.sql, self.params(values))
                 ids.append(int(cursor.fetchone()[0]))
             return ids
+        finally:
+            cursor.close()
+
+    def execute_one(self, conn: Connection, values: dict[str, Any]) -> int | None:
+        """One row; None when the ON CONFLICT clause skipped it."""
+        cursor = _cursor(conn)
+        try:
+            cursor.execute(self.sql, self.params(values))
+            row = cursor.fetchone()
+            return int(row[0]) if row is not None else None
         finally:
             cursor.close()
 

@@ -75,6 +75,12 @@ class Delivery(SQLModel, table=True):
     attempts: int = 0
     next_attempt_at: datetime = Field(default_factory=utcnow)
     claimed_at: datetime | None = None
+    # the claim: which engine node holds it, until when (renewed while it works), and how many
+    # claims the delivery has had; a result is recorded only by the claim that is current
+    claimed_by: str = Field(default="", max_length=200)
+    lease_until: datetime | None = None
+    claims: int = 0
+    resent: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))  # why it went out again
     payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     content_type: str = Field(default="application/octet-stream", max_length=100)
     last_error: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))

@@ -2,8 +2,12 @@
 
 A delivery is claimed in one statement; a delivery is eligible only when no earlier delivery of
 the same channel, destination and ordering key is still waiting or in flight, so per-key order
-holds even with several engine processes (PostgreSQL: `FOR UPDATE SKIP LOCKED`). A delivery
-stuck in `doing` longer than the stall timeout (its worker died) becomes eligible again.
+holds even with several engine processes (PostgreSQL: `FOR UPDATE SKIP LOCKED`).
+
+A claim is owned: it names the node that holds it, a lease that node renews while it works
+(`renew`), and a claim count. A result is recorded only by the current claim (node and count
+match); a late result of a lapsed claim is discarded and logged. A delivery whose lease lapsed
+(its node died or lost the database) is eligible again at once, and says why it went out again.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, exists, select, update
+from sqlalchemy import Engine, and_, case, exists, literal, or_, select, update
 from sqlalchemy.orm import aliased
 
 from engine.store import crypto
@@ -49,6 +53,14 @@ class RetryPolicy:
         return self.wait(attempts)
 
 
+@dataclass(frozen=True)
+class Owner:
+    """Who claims: this engine node's name and how long a claim lasts unless renewed."""
+
+    node: str = ""
+    lease: timedelta = timedelta(seconds=30)
+
+
 @dataclass
 class ClaimedDelivery:
     id: int
@@ -58,11 +70,15 @@ class ClaimedDelivery:
     attempts: int
     payload: bytes
     content_type: str
+    claimed_by: str = ""
+    claims: int = 0  # this claim's number: the result is recorded only while it is current
+    resent: str = ""  # why it goes out again ("" the first time)
 
 
-def claim(
-    engine: Engine, channel: str, *, limit: int = 32, stall: timedelta = timedelta(minutes=5)
-) -> list[ClaimedDelivery]:
+DISCARDED = "discarded"  # record()'s state for a result whose claim had lapsed
+
+
+def claim(engine: Engine, channel: str, *, limit: int = 32, owner: Owner = Owner()) -> list[ClaimedDelivery]:
     now = utcnow()
     earlier = aliased(DELIVERIES)
     live = [DeliveryState.PENDING, DeliveryState.DOING]
@@ -75,8 +91,13 @@ def claim(
             earlier.c.state.in_(live),
         )
     )
+    doing = DELIVERIES.c.state == DeliveryState.DOING
+    lapsed = or_(
+        DELIVERIES.c.lease_until < now,
+        and_(DELIVERIES.c.lease_until.is_(None), DELIVERIES.c.claimed_at < now - owner.lease),  # an older claim
+    )
     eligible = ((DELIVERIES.c.state == DeliveryState.PENDING) & (DELIVERIES.c.next_attempt_at <= now)) | (
-        (DELIVERIES.c.state == DeliveryState.DOING) & (DELIVERIES.c.claimed_at < now - stall)
+        doing & lapsed
     )
     candidates = (
         select(DELIVERIES.c.id)
@@ -93,7 +114,19 @@ def claim(
         rows = conn.execute(
             update(DELIVERIES)
             .where(DELIVERIES.c.id.in_(ids))
-            .values(state=DeliveryState.DOING, claimed_at=now, updated_at=now)
+            .values(
+                state=DeliveryState.DOING,
+                claimed_at=now,
+                updated_at=now,
+                claimed_by=owner.node,
+                lease_until=now + owner.lease,
+                claims=DELIVERIES.c.claims + 1,
+                # a delivery still `doing` was in flight at a node whose lease lapsed (every SET sees the old row)
+                resent=case(
+                    (doing, literal("resent: lease of node ") + DELIVERIES.c.claimed_by + literal(" lapsed")),
+                    else_=DELIVERIES.c.resent,
+                ),
+            )
             .returning(
                 DELIVERIES.c.id,
                 DELIVERIES.c.message_id,
@@ -102,11 +135,29 @@ def claim(
                 DELIVERIES.c.attempts,
                 DELIVERIES.c.payload,
                 DELIVERIES.c.content_type,
+                DELIVERIES.c.claimed_by,
+                DELIVERIES.c.claims,
+                DELIVERIES.c.resent,
             )
         ).all()
     claimed = _opened(engine, [ClaimedDelivery(*row) for row in rows])
     claimed.sort(key=lambda d: d.id)
     return claimed
+
+
+def renew(engine: Engine, ids: list[int], owner: Owner) -> int:
+    """Extend the lease of the claims this node still holds (they are being delivered)."""
+    if not ids:
+        return 0
+    now = utcnow()
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(DELIVERIES)
+            .where(DELIVERIES.c.id.in_(ids), DELIVERIES.c.claimed_by == owner.node,
+                   DELIVERIES.c.state == DeliveryState.DOING)
+            .values(lease_until=now + owner.lease)
+        )
+    return int(result.rowcount or 0)
 
 
 def _opened(engine: Engine, claimed: list[ClaimedDelivery]) -> list[ClaimedDelivery]:
@@ -147,7 +198,8 @@ def record(engine: Engine, attempts: list[Attempt], policy: RetryPolicy) -> dict
     """Record a group of attempts in one transaction; returns delivery id -> new state.
 
     A success is `done`; a retryable failure goes back to `pending` after a back-off, or `dead`
-    once the policy says so; a non-retryable failure is `dead` at once.
+    once the policy says so; a non-retryable failure is `dead` at once. A result whose claim is no
+    longer current (its lease lapsed and another node took the delivery) changes nothing: DISCARDED.
     """
     now = utcnow()
     states: dict[int, str] = {}
@@ -171,23 +223,49 @@ def record(engine: Engine, attempts: list[Attempt], policy: RetryPolicy) -> dict
                 else:
                     values["state"] = DeliveryState.PENDING
                     values["next_attempt_at"] = now + timedelta(seconds=wait)
-            conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == attempt.delivery.id).values(**values))
-            states[attempt.delivery.id] = values["state"]
+            d = attempt.delivery
+            current = conn.execute(
+                update(DELIVERIES)
+                .where(DELIVERIES.c.id == d.id, DELIVERIES.c.state == DeliveryState.DOING,
+                       DELIVERIES.c.claimed_by == d.claimed_by, DELIVERIES.c.claims == d.claims)
+                .values(**values)
+            ).rowcount
+            states[d.id] = values["state"] if current else DISCARDED
+            if not current:
+                log.warning("delivery %s (message %s): result of node %s's lapsed claim discarded; another "
+                            "claim holds it now", d.id, d.message_id, d.claimed_by or "-")
     return states
 
 
-def release_claims(engine: Engine) -> int:
-    """Put every `doing` delivery back to `pending`. Only for a store one process owns (SQLite):
-    at start-up its claims can only be left over from a process that died mid-delivery. (With
-    PostgreSQL other live processes may hold claims; there the stall timeout takes them back.)"""
+def release_claims(engine: Engine, *, node: str | None = None, reason: str = "") -> int:
+    """Put `doing` deliveries back to `pending`, with the reason they will go out again: every one
+    (a store one process owns: at start-up its claims are a dead process's), or those of `node`
+    (a node starting again under its name). Other nodes' claims lapse with their lease."""
     now = utcnow()
+    where = [DELIVERIES.c.state == DeliveryState.DOING]
+    if node is not None:
+        where.append(DELIVERIES.c.claimed_by == node)
     with engine.begin() as conn:
         result = conn.execute(
             update(DELIVERIES)
-            .where(DELIVERIES.c.state == DeliveryState.DOING)
-            .values(state=DeliveryState.PENDING, next_attempt_at=now, updated_at=now)
+            .where(*where)
+            .values(state=DeliveryState.PENDING, next_attempt_at=now, updated_at=now, lease_until=None,
+                    resent=reason or "resent: the engine stopped while it was in flight")
         )
     return int(result.rowcount or 0)
+
+
+def claims_held(engine: Engine) -> dict[str, int]:
+    """node name -> deliveries it holds in flight (`engine status`)."""
+    from sqlalchemy import func
+
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(DELIVERIES.c.claimed_by, func.count())
+            .where(DELIVERIES.c.state == DeliveryState.DOING)
+            .group_by(DELIVERIES.c.claimed_by)
+        ).all()
+    return {str(node): int(count) for node, count in rows}
 
 
 def revive(engine: Engine, message_id: int) -> int:

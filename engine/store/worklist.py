@@ -18,6 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import DateTime, Index, String, Text, and_, delete, insert, or_, select, update
+from sqlalchemy import text as sql_text
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, SQLModel
 
@@ -27,6 +28,7 @@ from engine.store.models import utcnow
 
 __all__ = [
     "OPEN_STATUSES",
+    "DuplicateItem",
     "SPS_KEYS",
     "SPS_SEQ",
     "StepStatus",
@@ -40,6 +42,7 @@ __all__ = [
     "merge_patient",
     "normalize_da",
     "normalize_tm",
+    "order_key_for",
     "pn_key",
     "purge",
     "set_status",
@@ -90,6 +93,16 @@ def _key() -> Any:
     return String().with_variant(String(collation="C"), "postgresql")
 
 
+# rows an order identity and an SPS ID name are unique; a step without SPS ID is not (its order may
+# hold several), nor is a row stored before the key columns existed
+_KEYED = "order_key != '' AND step_key != ''"
+ORDER_STEP_CONFLICT = f"ON CONFLICT (order_key, step_key) WHERE {_KEYED} DO NOTHING"
+
+
+class DuplicateItem(Exception):
+    """The order's step exists already (stored meanwhile by another engine process): update it instead."""
+
+
 class WorklistItem(SQLModel, table=True):
     __tablename__ = "worklist_items"
     __table_args__ = (
@@ -100,6 +113,9 @@ class WorklistItem(SQLModel, table=True):
         Index("ix_worklist_patient", "patient_id", "issuer"),
         # order identity (lifecycle) and purge
         Index("ix_worklist_order", "filler_order", "placer_order"),
+        # one row per step of an order, whichever engine process stores it (see ORDER_STEP_CONFLICT)
+        Index("ux_worklist_order_step", "order_key", "step_key", unique=True,
+              sqlite_where=sql_text(_KEYED), postgresql_where=sql_text(_KEYED)),
         # purge (no index leads with status: the planner would pick it for every C-FIND)
         Index("ix_worklist_updated", "updated_at"),
     )
@@ -121,6 +137,9 @@ class WorklistItem(SQLModel, table=True):
     status: str = Field(default=StepStatus.SCHEDULED.value, max_length=16)
     placer_order: str = Field(default="", sa_type=_key())
     filler_order: str = Field(default="", sa_type=_key())
+    # the order's identity as the worklist destination finds it (order_key_for) and the step's SPS ID
+    order_key: str = Field(default="", sa_type=_key())
+    step_key: str = Field(default="", sa_type=_key())
     created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
     updated_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
     dataset_json: str = Field(default="{}", sa_type=Text)
@@ -165,12 +184,25 @@ def _s(value: Any) -> str:
     return text[:KEY_MAX]
 
 
+def order_key_for(filler_order: str, placer_order: str, accession_number: str) -> str:
+    """An order's identity, by the rule `find_items` finds it: the filler order number when there is
+    one, else the placer order number with the accession number."""
+    if filler_order:
+        return f"F:{filler_order}"[:KEY_MAX]
+    if placer_order:
+        return f"P:{placer_order}\x1f{accession_number}"[:KEY_MAX]
+    return ""
+
+
 def columns_for(dataset: Mapping[str, Any]) -> dict[str, str]:
     """The indexed columns of one item (its dataset holds one SPS item)."""
     seq = dataset.get(SPS_SEQ) or [{}]
     sps = seq[0] if seq else {}
     date = normalize_da(_s(sps.get("ScheduledProcedureStepStartDate")))
     time = normalize_tm(_s(sps.get("ScheduledProcedureStepStartTime")))
+    filler = _s(dataset.get("FillerOrderNumberImagingServiceRequest"))
+    placer = _s(dataset.get("PlacerOrderNumberImagingServiceRequest"))
+    accession = _s(dataset.get("AccessionNumber"))
     return {
         "patient_id": _s(dataset.get("PatientID")),
         "issuer": _s(dataset.get("IssuerOfPatientID")),
@@ -184,8 +216,10 @@ def columns_for(dataset: Mapping[str, Any]) -> dict[str, str]:
         "sps_start": (date + time[:6]) if date else "",
         "modality": _s(sps.get("Modality")),
         "station_aet": _s(sps.get("ScheduledStationAETitle")),
-        "placer_order": _s(dataset.get("PlacerOrderNumberImagingServiceRequest")),
-        "filler_order": _s(dataset.get("FillerOrderNumberImagingServiceRequest")),
+        "placer_order": placer,
+        "filler_order": filler,
+        "order_key": order_key_for(filler, placer, accession),
+        "step_key": _s(sps.get("ScheduledProcedureStepID")),
     }
 
 
@@ -254,7 +288,8 @@ def insert_item(
     status: str = StepStatus.SCHEDULED.value,
     now: datetime | None = None,
 ) -> int:
-    """Insert one SPS item; returns its id."""
+    """Insert one SPS item; returns its id. DuplicateItem when the order already holds the step
+    (its order identity and SPS ID): another engine process stored the same order meanwhile."""
     now = now or utcnow()
     values = columns_for(dataset) | {
         "channel": channel,
@@ -263,7 +298,10 @@ def insert_item(
         "updated_at": now,
         "dataset_json": _dump(dataset),
     }
-    return cached(RawInsert, T, conn.dialect).execute(conn, [values])[0]
+    item_id = cached(RawInsert, T, conn.dialect, ORDER_STEP_CONFLICT).execute_one(conn, values)
+    if item_id is None:
+        raise DuplicateItem(values["order_key"])
+    return item_id
 
 
 def insert_many(

@@ -28,7 +28,8 @@ from sqlalchemy.exc import DBAPIError
 
 from engine.errors import APPLICATION_INTERNAL_ERROR, ProcessingError, ProcessingWarning
 from engine.store import crypto
-from engine.store.fastsql import RawInsert, Savepoint, marker, raw_select
+from engine.store.dedupe import KeyedMessage, Keys
+from engine.store.fastsql import RawInsert, Savepoint
 from engine.store.models import Delivery, Message, MessageStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -98,11 +99,20 @@ class WorkUnit:
 
 
 @dataclass
-class _Prior:
-    id: int
-    body_hash: str
-    ack: str
+class _Claim:
+    """A unit's claim on its dedupe key (engine.store.dedupe), made once its row exists."""
+
+    key: tuple[str, str, str]
+    digest: str
     status: str
+    received_at: datetime
+    expected: int = 0  # the message id the unit found under the key (0: none)
+
+
+# SQLSTATEs of a transaction that lost a race with another process's (deadlock, serialization):
+# the group is tried again, unit by unit, instead of storing anything as an error
+_CONTENTION = frozenset({"40P01", "40001"})
+CONTENTION_RETRIES = 5
 
 
 @dataclass
@@ -146,9 +156,8 @@ class Writer:
         self.gather_window = gather_window
         dialect = engine.dialect
         self._raw_insert = RawInsert(MESSAGES, dialect)
-        self._mark = marker(dialect)
-        processor = MESSAGES.c.received_at.type.dialect_impl(dialect).bind_processor(dialect)
-        self._stored_time: Callable[[datetime], Any] = processor or (lambda v: v)
+        self._keys = Keys(dialect)
+        self._stored_time: Callable[[datetime], Any] = self._keys.stored_time
         self.batches = 0
         self.units = 0
 
@@ -228,13 +237,17 @@ class Writer:
             self._conn = self.engine.connect()
         return self._conn
 
-    def _commit(self, batch: list[_Pending]) -> None:
+    def _commit(self, batch: list[_Pending], tries: int = 0) -> None:
         try:
             conn = self._connection()
             with conn.begin():
                 results = self._apply_batch(conn, [p.unit for p in batch])
         except BaseException as exc:
             self._drop_connection()
+            if len(batch) == 1 and _is_contention(exc) and tries < CONTENTION_RETRIES:
+                log.info("store commit lost a race with another engine process (%s); trying again", _kind(exc))
+                self._commit(batch, tries + 1)
+                return
             if len(batch) > 1:
                 # one unit must never take its neighbours down: each is committed on its own
                 log.warning("store commit failed for a group of %d messages (%s); committing each alone",
@@ -273,22 +286,26 @@ class Writer:
     def _apply_batch(self, conn: Connection, units: list[WorkUnit]) -> list[UnitResult]:
         """Rows that need no id before their effects are inserted together, in order."""
         priors = self._load_priors(conn, units)
-        bulk: list[tuple[dict[str, Any], UnitResult]] = []
+        bulk: list[tuple[dict[str, Any], UnitResult, _Claim | None]] = []
         seen: dict[tuple[str, str, str], tuple[str, UnitResult]] = {}
         results: list[UnitResult] = []
 
         def flush() -> None:
             if bulk:
-                ids = self._raw_insert.execute(conn, (values for values, _ in bulk))
-                for (_, result), mid in zip(bulk, ids, strict=True):
+                ids = self._raw_insert.execute(conn, (values for values, _, _ in bulk))
+                for (_, result, claim), mid in zip(bulk, ids, strict=True):
                     result.message_id = mid
+                    if claim is not None:
+                        self._settle_claim(conn, claim, result)
                 bulk.clear()
 
         for unit in units:
             digest = unit.body_hash or body_hash(unit.raw)
             flags = ""
             key = (unit.channel, _sender(unit), _control_id(unit))
-            check = unit.dedupe and bool(unit.control_id) and unit.error is None
+            keyed = unit.dedupe and bool(unit.control_id)
+            check = keyed and unit.error is None
+            expected = 0
             if check:
                 prior = self._prior(key, seen, priors)
                 if prior is not None:
@@ -299,19 +316,25 @@ class Writer:
                             prior_hash, prior_id, prior_ack, prior_status = self._prior(key, seen, priors)  # type: ignore[misc]  # found above
                         result = UnitResult(0, MessageStatus.DUPLICATE, prior_ack, duplicate_of=prior_id)
                         bulk.append((self._values(unit, digest, MessageStatus.DUPLICATE, prior_ack, None,
-                                                  f"resend-of:{prior_id}"), result))
+                                                  f"resend-of:{prior_id}"), result, None))
                         results.append(result)
                         continue
+                    if prior_id == 0:
+                        flush()  # the claim below must name the message it replaces
+                        prior_id = seen[key][1].message_id
+                    expected = prior_id
                     if prior_hash != digest:
                         flags = "control-id-reused"
             if unit.error is not None or unit.effects is None:
                 status = MessageStatus.ERROR if unit.error is not None else unit.status
                 answer = _success_answer(unit) if unit.error is None else _answer(unit, status, unit.error)
                 result = UnitResult(0, status, answer, error=unit.error, flags=flags)
-                bulk.append((self._values(unit, digest, status, answer, unit.error, flags), result))
+                claim = _Claim(key, digest, status, unit.received_at, expected) if keyed else None
+                bulk.append((self._values(unit, digest, status, answer, unit.error, flags), result, claim))
             else:
                 flush()  # keep ids in arrival order
-                result = self._apply_effects(conn, unit, digest, flags)
+                claim = _Claim(key, digest, unit.status, unit.received_at, expected) if keyed else None
+                result = self._apply_effects(conn, unit, digest, flags, claim)
             results.append(result)
             if check:
                 seen[key] = (digest, result)
@@ -322,90 +345,144 @@ class Writer:
     def _prior(
         key: tuple[str, str, str],
         seen: dict[tuple[str, str, str], tuple[str, UnitResult]],
-        priors: dict[tuple[str, str, str], Any],
+        priors: dict[tuple[str, str, str], KeyedMessage],
     ) -> tuple[str, int, str, str] | None:
         if key in seen:
             digest, result = seen[key]
+            if result.status == MessageStatus.DUPLICATE:  # another process's original (see _settle_claim)
+                return digest, result.duplicate_of or 0, result.answer, MessageStatus.PROCESSED
             return digest, result.message_id, result.answer, result.status
         row = priors.get(key)
-        return (row.body_hash, row.id, row.ack, row.status) if row is not None else None
+        return (row.body_hash, row.message_id, row.answer, row.status) if row is not None else None
 
-    def _load_priors(self, conn: Connection, units: list[WorkUnit]) -> dict[tuple[str, str, str], _Prior]:
-        """The latest earlier message for each (channel, sender, control id) in the group: one query."""
+    def _load_priors(self, conn: Connection, units: list[WorkUnit]) -> dict[tuple[str, str, str], KeyedMessage]:
+        """The keyed message for each (channel, sender, control id) in the group: one query."""
         wanted: dict[str, set[str]] = {}
         oldest = None
         for u in units:
             if u.dedupe and u.control_id and u.error is None:
                 wanted.setdefault(u.channel, set()).add(_control_id(u))
                 oldest = u.received_at if oldest is None or u.received_at < oldest else oldest
-        found: dict[tuple[str, str, str], _Prior] = {}
+        found: dict[tuple[str, str, str], KeyedMessage] = {}
         if oldest is None:
             return found
         # compared as stored: ISO text on SQLite (sortable), timestamps on PostgreSQL
         since = self._stored_time(oldest - self.dedupe_window)
-        mark = self._mark
         for channel, control_ids in wanted.items():
-            ids = sorted(control_ids)
-            # only (channel, control_id) in SQL, so every database uses the dedupe index; a
-            # time condition there lets SQLite pick the channel+time index and scan a week
-            sql = (
-                "SELECT id, sender, control_id, body_hash, ack, status, received_at FROM messages"
-                f" WHERE channel = {mark} AND control_id IN ({', '.join([mark] * len(ids))}) ORDER BY id"
-            )
-            for row in raw_select(conn, sql, [channel, *ids]):
-                if row[5] == MessageStatus.DUPLICATE or row[6] < since:
-                    continue
-                found[(channel, row[1], row[2])] = _Prior(row[0], row[3], row[4], row[5])  # the last one wins
+            for key, row in self._keys.load(conn, channel, sorted(control_ids)).items():
+                if row.received_at >= since:
+                    found[key] = row
         return found
 
-    def _apply_effects(self, conn: Connection, unit: WorkUnit, digest: str, flags: str) -> UnitResult:
-        assert unit.effects is not None
-        savepoint = Savepoint(conn)
-        try:
-            answer = _success_answer(unit)  # the savepoint takes it back if the effects fail
-            mid = self._insert(conn, self._values(unit, digest, unit.status, answer, None, flags))
-            payloads = unit.effects(conn, mid)
-            if payloads:
-                now = utcnow()
+    def _claim(self, conn: Connection, claim: _Claim, message_id: int) -> bool:
+        return self._keys.claim(conn, claim.key, message_id, claim.digest, claim.status, claim.received_at,
+                                claim.expected, claim.received_at - self.dedupe_window)
+
+    def _settle_claim(self, conn: Connection, claim: _Claim, result: UnitResult) -> None:
+        """A row inserted without effects claims its key; when another process stored the same
+        message first, the row becomes that one's duplicate (its answer is the first one's)."""
+        for _ in range(CONTENTION_RETRIES):
+            if self._claim(conn, claim, result.message_id) or claim.status == MessageStatus.ERROR:
+                return  # (a refused message leaves the key to the one that went through)
+            holder = self._keys.holder(conn, claim.key)
+            if holder is None:
+                continue
+            if holder.body_hash == claim.digest and holder.status != MessageStatus.ERROR:
+                flags = f"resend-of:{holder.message_id}"
                 conn.execute(
-                    insert(DELIVERIES),
-                    [
-                        {
-                            "message_id": mid,
-                            "channel": unit.channel,
-                            "destination": p.destination,
-                            "ordering_key": key_text(p.ordering_key, ORDERING_KEY_LIMIT),
-                            "state": "pending",
-                            "attempts": 0,
-                            "next_attempt_at": now,
-                            "payload": crypto.seal(p.body, crypto.PAYLOAD),
-                            "content_type": p.content_type,
-                            "last_error": "",
-                            "response": "",
-                            "created_at": now,
-                            "updated_at": now,
-                        }
-                        for p in payloads
-                    ],
+                    MESSAGES.update().where(MESSAGES.c.id == result.message_id)
+                    .values(status=MessageStatus.DUPLICATE, ack=holder.answer, flags=flags)
                 )
-            savepoint.release()
-            return UnitResult(mid, unit.status, answer, flags=flags)
-        except ProcessingError as exc:
-            savepoint.rollback()
-            return self._store_error(conn, unit, digest, exc, flags)
-        except Exception as exc:  # a bug or a database error in one unit: keep the message
-            # the type only: a database error's text carries bound parameters (PHI)
-            log.error("processing failed on channel %s control id %s (%s)", unit.channel,
-                      _control_id(unit)[:64], _kind(exc), exc_info=not _is_database_error(exc))
-            savepoint.rollback()
-            err = ProcessingError(f"internal error: {type(exc).__name__}", APPLICATION_INTERNAL_ERROR)
-            return self._store_error(conn, unit, digest, err, flags)
+                result.status, result.answer, result.flags = MessageStatus.DUPLICATE, holder.answer, ""
+                result.duplicate_of = holder.message_id
+                return
+            claim.expected = holder.message_id
+            if holder.body_hash != claim.digest and not result.flags:
+                result.flags = "control-id-reused"
+                conn.execute(MESSAGES.update().where(MESSAGES.c.id == result.message_id).values(flags=result.flags))
+        raise _Contended("dedupe key kept changing under this writer")
+
+    def _apply_effects(
+        self, conn: Connection, unit: WorkUnit, digest: str, flags: str, claim: _Claim | None
+    ) -> UnitResult:
+        assert unit.effects is not None
+        for _ in range(CONTENTION_RETRIES):
+            savepoint = Savepoint(conn)
+            holder: KeyedMessage | None = None
+            try:
+                answer = _success_answer(unit)  # the savepoint takes it back if the effects fail
+                mid = self._insert(conn, self._values(unit, digest, unit.status, answer, None, flags))
+                if claim is not None and not self._claim(conn, claim, mid):
+                    # another process stored a message under this key since the group began
+                    holder = self._keys.holder(conn, claim.key)
+                    raise _Lost
+                payloads = unit.effects(conn, mid)
+                if payloads:
+                    self._queue_deliveries(conn, unit, mid, payloads)
+                savepoint.release()
+                return UnitResult(mid, unit.status, answer, flags=flags)
+            except _Lost:
+                savepoint.rollback()
+                if holder is not None and holder.body_hash == digest and holder.status != MessageStatus.ERROR:
+                    return self._store_duplicate(conn, unit, digest, holder)
+                if holder is not None and claim is not None:
+                    claim.expected = holder.message_id
+                    flags = "control-id-reused" if holder.body_hash != digest else flags
+                continue
+            except ProcessingError as exc:
+                savepoint.rollback()
+                return self._store_error(conn, unit, digest, exc, flags, claim)
+            except Exception as exc:  # a bug or a database error in one unit: keep the message
+                if _is_contention(exc):
+                    raise  # the whole group is tried again, unit by unit
+                # the type only: a database error's text carries bound parameters (PHI)
+                log.error("processing failed on channel %s control id %s (%s)", unit.channel,
+                          _control_id(unit)[:64], _kind(exc), exc_info=not _is_database_error(exc))
+                savepoint.rollback()
+                err = ProcessingError(f"internal error: {type(exc).__name__}", APPLICATION_INTERNAL_ERROR)
+                return self._store_error(conn, unit, digest, err, flags, claim)
+        raise _Contended("dedupe key kept changing under this writer")
+
+    @staticmethod
+    def _queue_deliveries(conn: Connection, unit: WorkUnit, mid: int, payloads: list[QueuedPayload]) -> None:
+        now = utcnow()
+        conn.execute(
+            insert(DELIVERIES),
+            [
+                {
+                    "message_id": mid,
+                    "channel": unit.channel,
+                    "destination": p.destination,
+                    "ordering_key": key_text(p.ordering_key, ORDERING_KEY_LIMIT),
+                    "state": "pending",
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "payload": crypto.seal(p.body, crypto.PAYLOAD),
+                    "content_type": p.content_type,
+                    "last_error": "",
+                    "response": "",
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for p in payloads
+            ],
+        )
+
+    def _store_duplicate(self, conn: Connection, unit: WorkUnit, digest: str, holder: KeyedMessage) -> UnitResult:
+        values = self._values(unit, digest, MessageStatus.DUPLICATE, holder.answer, None,
+                              f"resend-of:{holder.message_id}")
+        mid = self._insert(conn, values)
+        return UnitResult(mid, MessageStatus.DUPLICATE, holder.answer, duplicate_of=holder.message_id)
 
     def _store_error(
-        self, conn: Connection, unit: WorkUnit, digest: str, exc: ProcessingError, flags: str
+        self, conn: Connection, unit: WorkUnit, digest: str, exc: ProcessingError, flags: str,
+        claim: _Claim | None = None,
     ) -> UnitResult:
         answer = _answer(unit, MessageStatus.ERROR, exc)
         mid = self._insert(conn, self._values(unit, digest, MessageStatus.ERROR, answer, exc, flags))
+        if claim is not None:
+            claim.status = MessageStatus.ERROR
+            self._claim(conn, claim, mid)
         return UnitResult(mid, MessageStatus.ERROR, answer, error=exc, flags=flags)
 
     def _insert(self, conn: Connection, values: dict[str, Any]) -> int:
@@ -453,6 +530,21 @@ def _kind(exc: BaseException) -> str:
 
 def _is_database_error(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError)
+
+
+class _Lost(Exception):
+    """The unit's dedupe key went to another process's message: its savepoint is rolled back."""
+
+
+class _Contended(Exception):
+    """Another process kept winning this unit's dedupe key: the group is tried again unit by unit."""
+
+
+def _is_contention(exc: BaseException) -> bool:
+    if isinstance(exc, _Contended):
+        return True
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) in _CONTENTION
 
 
 def _success_answer(unit: WorkUnit) -> str:

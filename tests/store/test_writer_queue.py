@@ -115,13 +115,29 @@ def test_queue_keeps_order_per_key_and_retries_then_dies(db) -> None:
     assert queue.revive(db, first[0].message_id) == 1
 
 
-def test_stalled_claim_is_taken_again(db) -> None:
+def test_a_lapsed_claim_is_taken_over_and_the_late_result_discarded(db) -> None:
     writer = Writer(db)
     writer.submit_sync(unit("S1", effects=queued()))
-    (d,) = queue.claim(db, "ch")
-    assert queue.claim(db, "ch", stall=timedelta(minutes=5)) == []
-    (again,) = queue.claim(db, "ch", stall=timedelta(seconds=-1))
-    assert again.id == d.id
+    (d,) = queue.claim(db, "ch", owner=queue.Owner("node-a", timedelta(seconds=-1)))  # lapses at once
+    (again,) = queue.claim(db, "ch", owner=queue.Owner("node-b", timedelta(minutes=5)))
+    assert again.id == d.id and again.claimed_by == "node-b" and again.claims == d.claims + 1
+    assert again.resent == "resent: lease of node node-a lapsed"
+    assert queue.claim(db, "ch", owner=queue.Owner("node-a")) == []  # node-b's live lease holds it
+    policy = queue.RetryPolicy()
+    assert queue.record(db, [queue.Attempt(d, ok=True, response="late")], policy) == {d.id: queue.DISCARDED}
+    assert queue.record(db, [queue.Attempt(again, ok=True, response="AA")], policy) == {d.id: DeliveryState.DONE}
+    (row,) = queue.deliveries_for(db, d.message_id, payloads=False)
+    assert (row["response"], row["attempts"], row["resent"]) == ("AA", 1, "resent: lease of node node-a lapsed")
+
+
+def test_a_renewed_claim_is_not_taken_over(db) -> None:
+    writer = Writer(db)
+    writer.submit_sync(unit("S2", effects=queued()))
+    short = queue.Owner("node-a", timedelta(seconds=-1))
+    (d,) = queue.claim(db, "ch", owner=short)
+    assert queue.renew(db, [d.id], queue.Owner("node-b", timedelta(minutes=5))) == 0  # not node-b's claim
+    assert queue.renew(db, [d.id], queue.Owner("node-a", timedelta(minutes=5))) == 1
+    assert queue.claim(db, "ch", owner=queue.Owner("node-b")) == []
 
 
 def test_retry_policy_caps_and_gives_up() -> None:

@@ -12,7 +12,9 @@ or one ADT event ({"control": {"event": "A08"|"A40", ...}, "dataset"}).
   placer order number (ORC-2) narrowed by the accession number when there is one. Within an
   order, a step is found by its SPS ID (or is the order's only step).
 - NW for an order that already exists updates it, as dcm4chee-arc does (HL7 resends after a lost
-  ACK are common); `on_existing_new: reject` answers AE 205 instead.
+  ACK are common); `on_existing_new: reject` answers AE 205 instead. The order identity and SPS ID
+  are a unique key: when two engine processes store one order at once, the second insert meets
+  the first one's row and becomes the update it would have made had it seen that row.
 - XO/CA/DC for an unknown order: AE 204 at ORC-3 (ORC-2 when only a placer number was sent).
 - An update may not move an order to another patient: AE at PID-3 (use A40 to merge patients).
 - An update without StudyInstanceUID keeps the stored one; an update does not put an
@@ -44,6 +46,7 @@ from engine.runtime.destinations.base import DestinationConfig, LocalDestination
 from engine.runtime.registry import Registry
 from engine.store.worklist import (
     SPS_SEQ,
+    DuplicateItem,
     StepStatus,
     find_items,
     insert_item,
@@ -119,7 +122,14 @@ class WorklistDestination(LocalDestination):
             if event:
                 self._adt(conn, ctx, event, control, dataset)
             else:
-                self._order(conn, ctx, control, dataset)
+                try:
+                    self._order(conn, ctx, control, dataset)
+                except DuplicateItem:
+                    # another engine process stored this order's step since we looked: the insert
+                    # becomes the update this process would have made had it seen the row
+                    log.info("worklist: order stored meanwhile by another process; updating it (message %s)",
+                             ctx.control_id)
+                    self._order(conn, ctx, control, dataset)
 
     # -- orders --------------------------------------------------------------------------------------
 
