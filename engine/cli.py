@@ -1,4 +1,4 @@
-"""`engine run / check / send / map / messages` — what an interface analyst types."""
+"""`engine run / check / send / map / messages / status` — what an interface analyst types."""
 
 from __future__ import annotations
 
@@ -639,7 +639,8 @@ def messages_show(
     console.rule("ACK sent")
     _content(row["ack"] or "(none)")
     console.rule("deliveries")
-    table = Table("id", "destination", "state", "attempts", "next attempt", "last error", "response")
+    table = Table("id", "destination", "state", "attempts", "next attempt", "node", "last error", "response")
+    resent = []
     for d in deliveries_for(db, message_id, payloads=False):
         table.add_row(
             str(d["id"]),
@@ -647,10 +648,15 @@ def messages_show(
             _cell(d["state"]),
             str(d["attempts"]),
             str(d["next_attempt_at"]),
+            _cell(d["claimed_by"]),
             _cell(d["last_error"][:60]),
             _cell(d["response"][:40].replace("\r", " ")),
         )
+        if d["resent"]:
+            resent.append(f"delivery {d['id']} ({d['destination']}): {d['resent']}")
     console.print(table)
+    for line in resent:  # went out again after a crash: the receiver may have it twice
+        console.print(Text(terminal_text(line)), highlight=False)
 
 
 @messages_app.command("replay")
@@ -745,6 +751,45 @@ def worklist(
 
 
 # -- keys ---------------------------------------------------------------------------------------
+@app.command()
+def status(ctx: typer.Context, config: ConfigOpt = None) -> None:
+    """The engine nodes on this store: listeners, heartbeat age, deliveries in flight, the leader."""
+    from engine.store import nodes
+    from engine.store.models import utcnow
+    from engine.store.queue import claims_held
+
+    db, loaded = _db(_config_path(ctx, config))
+    lease = loaded.engine.cluster.lease_seconds
+    found = nodes.list_nodes(db)
+    held = claims_held(db)
+    leader = nodes.lease_holder(db, nodes.LEADER)
+    now = utcnow()
+    table = Table("node", "host", "pid", "mode", "started (UTC)", "heartbeat", "claims", "leader", "listeners")
+    for n in found:
+        age = (now - n.heartbeat_at).total_seconds()
+        beat = f"{age:.0f} s ago" + (" (lapsed)" if age > lease else "")
+        table.add_row(
+            _cell(n.name), _cell(n.host), str(n.pid), "cluster" if n.cluster else "single",
+            n.started_at.strftime("%Y-%m-%d %H:%M:%S"), beat, str(held.get(n.name, 0)),
+            "yes" if leader is not None and leader[0] == n.name else "",
+            _cell("\n".join(n.listeners)),
+        )
+    if found:
+        console.print(table)
+    else:
+        console.print("no engine node has registered on this store", highlight=False)
+    listed = {n.name for n in found}
+    for name, count in sorted(held.items()):
+        if name not in listed:  # a node that left its claims behind (they go again once their lease lapses)
+            console.print(Text(f"{count} deliveries in flight under {terminal_text(name) or 'no node'}, "
+                               "which is not running"), highlight=False)
+    if leader is None:
+        console.print("leader: none (no live node holds the scheduler lease)", highlight=False)
+    else:
+        console.print(Text(f"leader: {terminal_text(leader[0])} (lease until "
+                           f"{leader[1].strftime('%Y-%m-%d %H:%M:%S')} UTC)"), highlight=False)
+
+
 @keys_app.command("new")
 def keys_new() -> None:
     """Print a fresh random key for ENGINE_KEY (or a line of the ENGINE_KEYRING file)."""

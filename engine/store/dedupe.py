@@ -11,18 +11,17 @@ the driver: they are on the writer's hot path.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import Column, String, text
+from sqlalchemy import BigInteger, Column, String, text
 from sqlalchemy.engine import Connection, Dialect
 from sqlmodel import Field, SQLModel
 
 from engine.store.fastsql import marker, raw_select
 
-__all__ = ["DedupeKey", "KeyedMessage", "Keys", "backfill", "purge_expired"]
+__all__ = ["DedupeKey", "KeyedMessage", "Keys", "backfill", "epoch", "purge_expired"]
 
 
 class DedupeKey(SQLModel, table=True):
@@ -36,7 +35,8 @@ class DedupeKey(SQLModel, table=True):
     message_id: int
     body_hash: str = Field(default="", max_length=64)
     status: str = Field(default="", max_length=20)
-    received_at: datetime  # the message's, as stored in messages.received_at
+    # when the message was received, in seconds since the epoch (cheap to write on the hot path)
+    received: int = Field(sa_column=Column(BigInteger, nullable=False))
 
 
 KEYS = DedupeKey.__table__  # type: ignore[attr-defined]  # SQLModel adds __table__ to table classes
@@ -50,7 +50,7 @@ class KeyedMessage:
     body_hash: str
     status: str
     answer: str
-    received_at: Any  # as stored (ISO text on SQLite, a timestamp on PostgreSQL)
+    received: int  # seconds since the epoch
 
 
 class Keys:
@@ -59,30 +59,28 @@ class Keys:
     def __init__(self, dialect: Dialect) -> None:
         m = marker(dialect)
         self._mark = m
-        processor = KEYS.c.received_at.type.dialect_impl(dialect).bind_processor(dialect)
-        self.stored_time: Callable[[datetime], Any] = processor or (lambda v: v)
         self._claim = (
-            "INSERT INTO dedupe_keys (channel, control_id, sender, message_id, body_hash, status, received_at)"
+            "INSERT INTO dedupe_keys (channel, control_id, sender, message_id, body_hash, status, received)"
             f" VALUES ({m}, {m}, {m}, {m}, {m}, {m}, {m})"
             " ON CONFLICT (channel, control_id, sender) DO UPDATE SET message_id = excluded.message_id,"
-            " body_hash = excluded.body_hash, status = excluded.status, received_at = excluded.received_at"
-            f" WHERE dedupe_keys.message_id = {m} OR dedupe_keys.received_at < {m}"
+            " body_hash = excluded.body_hash, status = excluded.status, received = excluded.received"
+            f" WHERE dedupe_keys.message_id = {m} OR dedupe_keys.received < {m}"
             " OR dedupe_keys.status = 'error'"
             " RETURNING message_id"
         )
         self._one = (
-            "SELECT k.message_id, k.body_hash, k.status, m.ack, k.received_at FROM dedupe_keys k"
+            "SELECT k.message_id, k.body_hash, k.status, m.ack, k.received FROM dedupe_keys k"
             f" JOIN messages m ON m.id = k.message_id WHERE k.channel = {m} AND k.control_id = {m} AND k.sender = {m}"
         )
 
     def claim(
         self, conn: Connection, key: tuple[str, str, str], message_id: int, digest: str, status: str,
-        received_at: datetime, expected: int, cutoff: datetime,
+        received: int, expected: int, cutoff: int,
     ) -> bool:
-        """Point the key at `message_id`; False when another message holds it (see the module doc)."""
+        """Point the key at `message_id`; False when another message holds it (see the module doc).
+        `received` and `cutoff` (the start of the dedupe window) are seconds since the epoch."""
         channel, sender, control_id = key
-        params = (channel, control_id, sender, message_id, digest, status, self.stored_time(received_at),
-                  expected, self.stored_time(cutoff))
+        params = (channel, control_id, sender, message_id, digest, status, received, expected, cutoff)
         return bool(raw_select(conn, self._claim, params))
 
     def holder(self, conn: Connection, key: tuple[str, str, str]) -> KeyedMessage | None:
@@ -96,7 +94,7 @@ class Keys:
         """The keyed message of each (sender, control id) of a channel: one query for a group."""
         m = self._mark
         sql = (
-            "SELECT k.sender, k.control_id, k.message_id, k.body_hash, k.status, m.ack, k.received_at"
+            "SELECT k.sender, k.control_id, k.message_id, k.body_hash, k.status, m.ack, k.received"
             " FROM dedupe_keys k JOIN messages m ON m.id = k.message_id"
             f" WHERE k.channel = {m} AND k.control_id IN ({', '.join([m] * len(control_ids))})"
         )
@@ -106,12 +104,18 @@ class Keys:
         }
 
 
+def epoch(when: datetime) -> int:
+    return int(when.timestamp())
+
+
 def backfill(conn: Connection) -> int:
     """A store made before this table: key the latest message of every (channel, sender, control id),
     so resends of what it already holds are still recognised."""
+    seconds = ("CAST(EXTRACT(EPOCH FROM m.received_at) AS BIGINT)" if conn.dialect.name == "postgresql"
+               else "CAST(strftime('%s', m.received_at) AS INTEGER)")
     result = conn.execute(text(
-        "INSERT INTO dedupe_keys (channel, control_id, sender, message_id, body_hash, status, received_at)"
-        " SELECT m.channel, m.control_id, m.sender, m.id, m.body_hash, m.status, m.received_at FROM messages m"
+        "INSERT INTO dedupe_keys (channel, control_id, sender, message_id, body_hash, status, received)"
+        f" SELECT m.channel, m.control_id, m.sender, m.id, m.body_hash, m.status, {seconds} FROM messages m"
         " JOIN (SELECT max(id) AS id FROM messages WHERE control_id != '' AND status != 'duplicate'"
         " GROUP BY channel, control_id, sender) latest ON latest.id = m.id"
     ))
@@ -120,5 +124,5 @@ def backfill(conn: Connection) -> int:
 
 def purge_expired(conn: Connection, before: datetime) -> int:
     """Keys older than the dedupe window name nothing a resend can match: delete them."""
-    result = conn.execute(KEYS.delete().where(KEYS.c.received_at < before))
+    result = conn.execute(KEYS.delete().where(KEYS.c.received < epoch(before)))
     return int(result.rowcount or 0)

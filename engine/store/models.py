@@ -31,7 +31,7 @@ class Message(SQLModel, table=True):
     __tablename__ = "messages"
     __table_args__ = (
         # every index is a page written per message: only those queries need
-        Index("ix_messages_dedupe", "channel", "control_id"),
+        # (resends are found through dedupe_keys, which holds the unique key: engine.store.dedupe)
         Index("ix_messages_channel_received", "channel", "received_at"),
         Index("ix_messages_patient", "patient_id"),
         Index("ix_messages_errors", "id", sqlite_where=text("status = 'error'"),

@@ -28,7 +28,7 @@ from sqlalchemy.exc import DBAPIError
 
 from engine.errors import APPLICATION_INTERNAL_ERROR, ProcessingError, ProcessingWarning
 from engine.store import crypto
-from engine.store.dedupe import KeyedMessage, Keys
+from engine.store.dedupe import KeyedMessage, Keys, epoch
 from engine.store.fastsql import RawInsert, Savepoint
 from engine.store.models import Delivery, Message, MessageStatus, utcnow
 
@@ -105,7 +105,8 @@ class _Claim:
     key: tuple[str, str, str]
     digest: str
     status: str
-    received_at: datetime
+    received: int  # seconds since the epoch
+    cutoff: int  # the start of the dedupe window (the group's: see _apply_batch)
     expected: int = 0  # the message id the unit found under the key (0: none)
 
 
@@ -157,7 +158,6 @@ class Writer:
         dialect = engine.dialect
         self._raw_insert = RawInsert(MESSAGES, dialect)
         self._keys = Keys(dialect)
-        self._stored_time: Callable[[datetime], Any] = self._keys.stored_time
         self.batches = 0
         self.units = 0
 
@@ -286,6 +286,9 @@ class Writer:
     def _apply_batch(self, conn: Connection, units: list[WorkUnit]) -> list[UnitResult]:
         """Rows that need no id before their effects are inserted together, in order."""
         priors = self._load_priors(conn, units)
+        # keys older than this are outside the dedupe window (one bound per group: a key at the very
+        # edge of the window may count for a few more milliseconds)
+        cutoff = epoch(min(u.received_at for u in units) - self.dedupe_window)
         bulk: list[tuple[dict[str, Any], UnitResult, _Claim | None]] = []
         seen: dict[tuple[str, str, str], tuple[str, UnitResult]] = {}
         results: list[UnitResult] = []
@@ -329,11 +332,11 @@ class Writer:
                 status = MessageStatus.ERROR if unit.error is not None else unit.status
                 answer = _success_answer(unit) if unit.error is None else _answer(unit, status, unit.error)
                 result = UnitResult(0, status, answer, error=unit.error, flags=flags)
-                claim = _Claim(key, digest, status, unit.received_at, expected) if keyed else None
+                claim = _Claim(key, digest, status, epoch(unit.received_at), cutoff, expected) if keyed else None
                 bulk.append((self._values(unit, digest, status, answer, unit.error, flags), result, claim))
             else:
                 flush()  # keep ids in arrival order
-                claim = _Claim(key, digest, unit.status, unit.received_at, expected) if keyed else None
+                claim = _Claim(key, digest, unit.status, epoch(unit.received_at), cutoff, expected) if keyed else None
                 result = self._apply_effects(conn, unit, digest, flags, claim)
             results.append(result)
             if check:
@@ -366,17 +369,16 @@ class Writer:
         found: dict[tuple[str, str, str], KeyedMessage] = {}
         if oldest is None:
             return found
-        # compared as stored: ISO text on SQLite (sortable), timestamps on PostgreSQL
-        since = self._stored_time(oldest - self.dedupe_window)
+        since = epoch(oldest - self.dedupe_window)
         for channel, control_ids in wanted.items():
             for key, row in self._keys.load(conn, channel, sorted(control_ids)).items():
-                if row.received_at >= since:
+                if row.received >= since:
                     found[key] = row
         return found
 
     def _claim(self, conn: Connection, claim: _Claim, message_id: int) -> bool:
-        return self._keys.claim(conn, claim.key, message_id, claim.digest, claim.status, claim.received_at,
-                                claim.expected, claim.received_at - self.dedupe_window)
+        return self._keys.claim(conn, claim.key, message_id, claim.digest, claim.status, claim.received,
+                                claim.expected, claim.cutoff)
 
     def _settle_claim(self, conn: Connection, claim: _Claim, result: UnitResult) -> None:
         """A row inserted without effects claims its key; when another process stored the same
@@ -388,6 +390,8 @@ class Writer:
             if holder is None:
                 continue
             if holder.body_hash == claim.digest and holder.status != MessageStatus.ERROR:
+                log.info("channel %s control id %s: stored meanwhile as message %s (another engine process); "
+                         "answered as its duplicate", claim.key[0], claim.key[2][:64], holder.message_id)
                 flags = f"resend-of:{holder.message_id}"
                 conn.execute(
                     MESSAGES.update().where(MESSAGES.c.id == result.message_id)
@@ -424,6 +428,8 @@ class Writer:
             except _Lost:
                 savepoint.rollback()
                 if holder is not None and holder.body_hash == digest and holder.status != MessageStatus.ERROR:
+                    log.info("channel %s control id %s: stored meanwhile as message %s (another engine process); "
+                             "answered as its duplicate", unit.channel, _control_id(unit)[:64], holder.message_id)
                     return self._store_duplicate(conn, unit, digest, holder)
                 if holder is not None and claim is not None:
                     claim.expected = holder.message_id
