@@ -8,10 +8,10 @@ per patient, to a receiver of the test's own that counts what it gets.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
+import socketserver
 import subprocess
 import sys
 import threading
@@ -79,6 +79,41 @@ class Received:
     at: float
 
 
+class _Handler(socketserver.BaseRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        buf = b""
+        while True:
+            try:
+                chunk = self.request.recv(65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            buf += chunk
+            while b"\x1c\x0d" in buf:
+                frame, buf = buf.split(b"\x1c\x0d", 1)
+                text = frame.split(b"\x0b", 1)[-1].decode("latin-1")
+                segments = {s.split("|", 1)[0]: s.split("|") for s in text.split("\r") if s}
+                control_id = segments["MSH"][9]
+                patient = segments.get("PID", [""] * 4)[3].split("^")[0]
+                self.server.owner.record(Received(control_id, patient, time.monotonic()))
+                time.sleep(self.server.owner.delay)
+                ack = (f"MSH|^~\\&|RCV|RCV|ENGINE|HOSP|20261201000000||ACK^O01|A{control_id}|P|2.3.1\r"
+                       f"MSA|AA|{control_id}\r")
+                try:
+                    self.request.sendall(b"\x0b" + ack.encode("latin-1") + b"\x1c\x0d")
+                except OSError:
+                    return
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    owner: CountingReceiver
+
+
 @dataclass
 class CountingReceiver:
     """An MLLP listener that takes `delay` seconds per ACK and records every frame it gets."""
@@ -86,59 +121,32 @@ class CountingReceiver:
     delay: float = 0.0
     port: int = 0
     got: list[Received] = field(default_factory=list)
-    _loop: asyncio.AbstractEventLoop | None = None
+    _server: _Server | None = None
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> CountingReceiver:
-        self.port = free_port()
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            server = loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", self.port))
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                server.close()
-                loop.run_until_complete(server.wait_closed())
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="counting-receiver", daemon=True)
+        server = _Server(("127.0.0.1", 0), _Handler)
+        server.owner = self
+        self.port = int(server.server_address[1])
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="counting-receiver", daemon=True)
         self._thread.start()
-        ready.wait(10)
         return self
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                await reader.readuntil(b"\x0b")
-                frame = await reader.readuntil(b"\x1c\x0d")
-                text = frame[:-2].decode("latin-1")
-                segments = {s.split("|", 1)[0]: s.split("|") for s in text.split("\r") if s}
-                control_id = segments["MSH"][9]
-                patient = segments.get("PID", [""] * 4)[3].split("^")[0]
-                with self._lock:
-                    self.got.append(Received(control_id, patient, time.monotonic()))
-                await asyncio.sleep(self.delay)
-                ack = (f"MSH|^~\\&|RCV|RCV|ENGINE|HOSP|20261201000000||ACK^O01|A{control_id}|P|2.3.1\r"
-                       f"MSA|AA|{control_id}\r")
-                writer.write(b"\x0b" + ack.encode("latin-1") + b"\x1c\x0d")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    def record(self, r: Received) -> None:
+        with self._lock:
+            self.got.append(r)
 
     def control_ids(self) -> list[str]:
         with self._lock:
             return [r.control_id for r in self.got]
 
     def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
         if self._thread is not None:
             self._thread.join(10)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import sqlalchemy
 
 from engine.hl7.mllp import MLLPClient
-from tests.cluster.conftest import LEASE, Node, orm, wait_for
+from tests.cluster.conftest import LEASE, orm, wait_for
 
 
 async def _send_all(port: int, bodies: list[bytes], connections: int = 4) -> list[bytes]:
@@ -87,21 +87,22 @@ def test_two_nws_for_one_order_at_two_nodes_make_one_item(nodes, store) -> None:
 
 
 def test_a_slow_receiver_gets_each_message_once_and_in_patient_order(nodes, store, receiver) -> None:
-    """0.2 s per ACK: a node's group of claims is out far longer than a lease (3 s); renewed, no
-    other node takes it. Messages for a patient sent alternately to both nodes arrive in order."""
+    """0.2 s per ACK: a node's group of claims (one head per patient, 30 patients) is out about
+    twice as long as a lease (3 s); renewed, no other node takes it. Messages for a patient sent
+    alternately to both nodes arrive in the order they were sent."""
     rcv = receiver(0.2)
     a = nodes("node-a", receiver_port=rcv.port).start()
     b = nodes("node-b", receiver_port=rcv.port).start()
-    patients = [f"PT{p}" for p in range(4)]
+    patients = [f"PT{p:02d}" for p in range(30)]
     sent: dict[str, list[str]] = defaultdict(list)
 
     async def send_in_turn() -> None:
         clients = [MLLPClient("127.0.0.1", n.forward_port, read_timeout=60) for n in (a, b)]
         try:
-            for i in range(12):
-                for p in patients:
+            for i in range(3):
+                for k, p in enumerate(patients):
                     cid = f"{p}-{i:02d}"
-                    reply = await clients[i % 2].send(orm(cid, f"X{cid}", patient=p))
+                    reply = await clients[(i + k) % 2].send(orm(cid, f"X{cid}", patient=p))  # in turn per patient
                     assert _msa(reply) == "AA"
                     sent[p].append(cid)
         finally:
