@@ -75,6 +75,7 @@ class StoreLock:
         self.shared = shared
         self._file: IO[bytes] | None = None
         self._conn: Connection | None = None
+        self._engine: Engine = db
 
     def acquire(self) -> None:
         if self.db.dialect.name == "sqlite":
@@ -102,12 +103,18 @@ class StoreLock:
         self._file = fh
 
     def _lock_advisory(self) -> None:
-        conn = self.db.connect()
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
+        # a connection of its own, outside the pool: closing it ends the session, and the lock with it
+        self._engine = create_engine(self.db.url, poolclass=NullPool)
+        conn = self._engine.connect()
         fn = "pg_try_advisory_lock_shared" if self.shared else "pg_try_advisory_lock"
         got = conn.exec_driver_sql(f"SELECT {fn}({_LOCK_CLASS}, hashtext(current_schema()))").scalar()
         conn.commit()  # a session lock outlives the transaction; the connection must not idle in one
         if not got:
             conn.close()
+            self._engine.dispose()
             if self.shared:
                 raise StoreInUse(
                     "an engine process outside cluster mode is using this PostgreSQL store; stop it, "
@@ -125,10 +132,10 @@ class StoreLock:
             self._file = None
         if self._conn is not None:
             try:
-                self._conn.invalidate()  # closes the session, and with it the lock (a pooled one would keep it)
-                self._conn.close()
+                self._conn.close()  # not pooled: the session ends, and the lock with it
             finally:
                 self._conn = None
+                self._engine.dispose()
 
 
 @dataclass
