@@ -71,6 +71,7 @@ class DeliveryWorker:
         batch: int = 64,
         owner: queue.Owner = queue.Owner(),
         renew_every: float | None = None,
+        record_every: float = 0.1,
     ) -> None:
         self.db = db
         self.channel = channel
@@ -79,6 +80,7 @@ class DeliveryWorker:
         self.poll_interval = poll_interval
         self.batch = batch
         self.owner = owner
+        self.record_every = record_every
         # renewed well before the lease lapses: a third of it, so two renewals may fail in a row
         self.renew_every = renew_every if renew_every is not None else owner.lease.total_seconds() / 3
         self.wakeup = asyncio.Event()
@@ -119,17 +121,35 @@ class DeliveryWorker:
             if d.resent:
                 log.warning("channel=%s delivery=%s destination=%s message=%s %s", self.channel, d.id,
                             d.destination, d.message_id, d.resent)
-        renewing = asyncio.create_task(self._renew([d.id for d in claimed]))
+        out = {d.id for d in claimed}  # claims still being delivered: their lease is renewed
+        renewing = asyncio.create_task(self._renew(out))
+        running = {asyncio.ensure_future(self._deliver(d)): d for d in claimed}
+        loop = asyncio.get_running_loop()
         try:
-            outcomes = await asyncio.gather(*(self._deliver(d) for d in claimed))
+            # results are recorded as they come in, those of up to `record_every` seconds together:
+            # a crash re-sends what was out or finished within that time, not the whole group, and
+            # a fast receiver still costs one commit per many deliveries
+            pending = set(running)
+            finished: list[tuple[queue.ClaimedDelivery, DeliveryOutcome]] = []
+            since = 0.0
+            while pending:
+                wait = None if not finished else max(0.0, since + self.record_every - loop.time())
+                done, pending = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                if done and not finished:
+                    since = loop.time()
+                finished += [(running[t], t.result()) for t in done]
+                if finished and (not pending or loop.time() - since >= self.record_every):
+                    await self._record(finished)
+                    out.difference_update(d.id for d, _ in finished)
+                    finished = []
         finally:
             renewing.cancel()
-        attempts = [
-            queue.Attempt(d, o.ok, o.retry, o.response, o.error, o.retry_after)
-            for d, o in zip(claimed, outcomes, strict=True)
-        ]
+        return len(claimed)
+
+    async def _record(self, finished: list[tuple[queue.ClaimedDelivery, DeliveryOutcome]]) -> None:
+        attempts = [queue.Attempt(d, o.ok, o.retry, o.response, o.error, o.retry_after) for d, o in finished]
         states = await asyncio.to_thread(queue.record, self.db, attempts, self.policy)
-        for d, o in zip(claimed, outcomes, strict=True):
+        for d, o in finished:
             if not o.ok and states[d.id] != queue.DISCARDED:
                 log.warning(
                     "channel=%s delivery=%s destination=%s message=%s state=%s error=%s",
@@ -140,14 +160,13 @@ class DeliveryWorker:
                     states[d.id],
                     failure_kind(o.error),
                 )
-        return len(claimed)
 
-    async def _renew(self, ids: list[int]) -> None:
-        """Keep the group's claims while it is out."""
+    async def _renew(self, ids: set[int]) -> None:
+        """Keep the group's claims while they are out (`ids` shrinks as results are recorded)."""
         while True:
             await asyncio.sleep(self.renew_every)
             try:
-                await asyncio.to_thread(queue.renew, self.db, ids, self.owner)
+                await asyncio.to_thread(queue.renew, self.db, sorted(ids), self.owner)
             except Exception as exc:
                 log.warning("channel %s: claim lease renewal failed (%s); retrying", self.channel, type(exc).__name__)
 

@@ -8,9 +8,11 @@ Readers that must not queue behind the writer (worklist C-FIND) use `make_read_e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,13 +126,32 @@ def init_db(engine: Engine) -> None:
 
     from engine.store import schema  # noqa: F401  (imports every table module)
 
-    tables = set(inspect(engine).get_table_names())
-    SQLModel.metadata.create_all(engine)
-    _add_missing_columns(engine)
-    _backfill_keys(engine, "dedupe_keys" in tables or "messages" not in tables)
+    with _schema_lock(engine):  # two nodes starting together on an empty store would both CREATE
+        tables = set(inspect(engine).get_table_names())
+        SQLModel.metadata.create_all(engine)
+        _add_missing_columns(engine)
+        _backfill_keys(engine, "dedupe_keys" in tables or "messages" not in tables)
     from engine.store import crypto
 
     crypto.check_store(engine)  # a wrong ENGINE_KEY is refused here, at start
+
+
+@contextlib.contextmanager
+def _schema_lock(engine: Engine) -> Iterator[None]:
+    """On PostgreSQL, one process at a time creates or migrates the schema (a session advisory lock
+    on the current schema, held on a connection of its own)."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    key = f"{0x454E48}, hashtext(current_schema())"  # ("ENH"; the store lock uses "ENG")
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"SELECT pg_advisory_lock({key})")
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.exec_driver_sql(f"SELECT pg_advisory_unlock({key})")
+            conn.commit()
 
 
 # columns added since a store may have been created: (table, column, SQL type and default)
