@@ -772,7 +772,7 @@ def status(ctx: typer.Context, config: ConfigOpt = None) -> None:
             _cell(n.name), _cell(n.host), str(n.pid), "cluster" if n.cluster else "single",
             n.started_at.strftime("%Y-%m-%d %H:%M:%S"), beat, str(held.get(n.name, 0)),
             "yes" if leader is not None and leader[0] == n.name else "",
-            _cell("\n".join(n.listeners)),
+            _cell(", ".join(n.listeners)),
         )
     if found:
         console.print(table)
