@@ -35,6 +35,7 @@ __all__ = [
     "WorklistItem",
     "columns_for",
     "find_items",
+    "identity_for",
     "find_item",
     "insert_item",
     "insert_many",
@@ -202,7 +203,6 @@ def columns_for(dataset: Mapping[str, Any]) -> dict[str, str]:
     time = normalize_tm(_s(sps.get("ScheduledProcedureStepStartTime")))
     filler = _s(dataset.get("FillerOrderNumberImagingServiceRequest"))
     placer = _s(dataset.get("PlacerOrderNumberImagingServiceRequest"))
-    accession = _s(dataset.get("AccessionNumber"))
     return {
         "patient_id": _s(dataset.get("PatientID")),
         "issuer": _s(dataset.get("IssuerOfPatientID")),
@@ -218,7 +218,19 @@ def columns_for(dataset: Mapping[str, Any]) -> dict[str, str]:
         "station_aet": _s(sps.get("ScheduledStationAETitle")),
         "placer_order": placer,
         "filler_order": filler,
-        "order_key": order_key_for(filler, placer, accession),
+    }
+
+
+def identity_for(dataset: Mapping[str, Any]) -> dict[str, str]:
+    """The order_key and step_key columns of an item the worklist destination manages: its order
+    identity (order_key_for) and its SPS ID. Rows stored without them (imports, tests) are not
+    held to the one-row-per-step rule."""
+    seq = dataset.get(SPS_SEQ) or [{}]
+    sps = seq[0] if seq else {}
+    return {
+        "order_key": order_key_for(_s(dataset.get("FillerOrderNumberImagingServiceRequest")),
+                                   _s(dataset.get("PlacerOrderNumberImagingServiceRequest")),
+                                   _s(dataset.get("AccessionNumber"))),
         "step_key": _s(sps.get("ScheduledProcedureStepID")),
     }
 
@@ -287,11 +299,13 @@ def insert_item(
     channel: str = "",
     status: str = StepStatus.SCHEDULED.value,
     now: datetime | None = None,
+    keyed: bool = False,
 ) -> int:
-    """Insert one SPS item; returns its id. DuplicateItem when the order already holds the step
-    (its order identity and SPS ID): another engine process stored the same order meanwhile."""
+    """Insert one SPS item; returns its id. `keyed` (the worklist destination): the row carries its
+    order identity and SPS ID (identity_for), and DuplicateItem says the order already holds that
+    step: another engine process stored the same order meanwhile."""
     now = now or utcnow()
-    values = columns_for(dataset) | {
+    values = columns_for(dataset) | (identity_for(dataset) if keyed else {}) | {
         "channel": channel,
         "status": status,
         "created_at": now,
@@ -332,9 +346,12 @@ def update_item(
     *,
     status: str | None = None,
     now: datetime | None = None,
+    keyed: bool = False,
 ) -> None:
-    """Replace an item's dataset (and its key columns); optionally its status."""
-    values: dict[str, Any] = columns_for(dataset) | {"dataset_json": _dump(dataset), "updated_at": now or utcnow()}
+    """Replace an item's dataset (and its key columns; with `keyed` its identity, see insert_item);
+    optionally its status."""
+    values: dict[str, Any] = columns_for(dataset) | (identity_for(dataset) if keyed else {}) | {
+        "dataset_json": _dump(dataset), "updated_at": now or utcnow()}
     if status is not None:
         values["status"] = status
     conn.execute(update(T).where(T.c.id == item_id).values(**values))

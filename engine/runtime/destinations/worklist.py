@@ -157,7 +157,7 @@ class WorklistDestination(LocalDestination):
             if oc != "NW":
                 raise ProcessingError(f"unknown order ({oc})", UNKNOWN_KEY_IDENTIFIER, key_location)
             for step in self._steps(dataset):
-                insert_item(conn, step, channel=ctx.channel, status=status)
+                insert_item(conn, step, channel=ctx.channel, status=status, keyed=True)
             log.debug("worklist: order created (%s, message %s)", oc, ctx.control_id)
             return
 
@@ -209,13 +209,13 @@ class WorklistDestination(LocalDestination):
             if row is None and len(rows) == 1 and len(steps) == 1:
                 row = rows[0]
             if row is None:
-                insert_item(conn, step, channel=ctx.channel, status=status)
+                insert_item(conn, step, channel=ctx.channel, status=status, keyed=True)
                 continue
             stored = row["dataset"]
             if not _text(step.get("StudyInstanceUID")) and stored.get("StudyInstanceUID"):
                 step["StudyInstanceUID"] = stored["StudyInstanceUID"]
             keep_started = row["status"] == StepStatus.IN_PROGRESS.value and status == StepStatus.SCHEDULED.value
-            update_item(conn, row["id"], step, status=None if keep_started else status)
+            update_item(conn, row["id"], step, status=None if keep_started else status, keyed=True)
 
     # -- patients ------------------------------------------------------------------------------------
 
