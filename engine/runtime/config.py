@@ -77,6 +77,9 @@ class DeliveryConfig(Strict):
     backoff_base_seconds: float = 1.0
     backoff_cap_seconds: float = 300.0
     poll_interval_seconds: float = 0.2
+    # replaced by cluster.lease_seconds (a claim is renewed while it is worked on, not given a fixed
+    # time); still accepted so that an engine.yaml that sets it loads, and ignored
+    stall_seconds: float | None = None
 
 
 class ClusterConfig(Strict):
