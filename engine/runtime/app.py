@@ -32,6 +32,7 @@ COMPONENT_MODULES = [
     "engine.runtime.destinations.file",
     "engine.runtime.destinations.mllp",
     "engine.runtime.destinations.worklist",
+    "engine.runtime.destinations.medrec",
 ]
 
 
