@@ -739,6 +739,70 @@ def worklist(
     console.print(table)
 
 
+# -- medication lists ---------------------------------------------------------------------------
+def _medrec_destination(loaded: Any, channel: str | None) -> tuple[str, Any]:
+    """(channel, built `medrec` destination) of the named channel, or of the only one that has one."""
+    from engine.runtime.app import default_registry
+
+    found = [(spec.config.name, d) for spec in loaded.channels for d in spec.destinations if d.type == "medrec"
+             and (channel is None or spec.config.name == channel)]
+    if not found:
+        _fail(f"channel {channel} has no medrec destination" if channel else "no channel has a medrec destination")
+    if len(found) > 1:
+        _fail("several channels reconcile medications: name one with --channel")
+    name, config = found[0]
+    return name, default_registry().build_destination(config, loaded.base_dir)
+
+
+@app.command("medrec")
+def medrec_cmd(
+    ctx: typer.Context,
+    patient: Annotated[str, typer.Argument(help="patient id (123, Patient/123) as the EMR references it")],
+    as_of: Annotated[str | None, typer.Option("--as-of", help="the list as it was on this day: 2026-11-25")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the records (and exclusions) as one JSON object")] = False,
+    explain: Annotated[bool, typer.Option("--explain", help="also list each resource left out, and why")] = False,
+    channel: Annotated[str | None, typer.Option("--channel", help="channel (default: the one with medrec)")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Print a patient's reconciled medication list (one line per medication)."""
+    from engine.runtime.destinations.medrec import patient_param
+
+    day = None
+    if as_of is not None:
+        try:
+            day = date.fromisoformat(as_of)
+        except ValueError:
+            raise typer.BadParameter("expected a date like 2026-11-25", param_hint="--as-of") from None
+    db, loaded = _db(_config_path(ctx, config))
+    name, dest = _medrec_destination(loaded, channel)
+    key = patient_param(patient)
+    with db.connect() as conn:
+        result = dest.reconciliation(conn, name, key, day, explain=explain)
+    if as_json:
+        out: dict[str, Any] = {"patient": key, "day": result.day.isoformat(),
+                               "records": [r.as_dict() for r in result.records]}
+        if explain:
+            out["excluded"] = [{"type": e.resource_type, "id": e.id, "status": e.status,
+                                "date": e.date.isoformat() if e.date else None, "reason": e.reason}
+                               for e in result.excluded]
+        sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
+        return
+    table = Table("medication", "last date", "sources", "status", title=f"{key} on {result.day.isoformat()}")
+    for r in result.records:
+        sources = ", ".join(f"{s['type'].removeprefix('Medication')} {s['id']} {s['date'] or '-'}" for s in r.sources)
+        shown = r.display or ("(unmatched: no code or reference)" if r.unmatched else r.key)
+        table.add_row(_cell(shown), _cell(r.date.isoformat() if r.date else "-"), _cell(sources), _cell(r.status))
+    console.print(table)
+    if not result.records:
+        console.print("no medication within the window", highlight=False)
+    if explain:
+        left = Table("left out", "date", "status", "why", title="not on the list")
+        for e in result.excluded:
+            left.add_row(_cell(f"{e.resource_type}/{e.id}"), _cell(e.date.isoformat() if e.date else "-"),
+                         _cell(e.status), _cell(e.reason))
+        console.print(left)
+
+
 # -- keys ---------------------------------------------------------------------------------------
 @keys_app.command("new")
 def keys_new() -> None:

@@ -132,8 +132,9 @@ def extract_all(resource: Mapping[str, Any]) -> Iterator[tuple[int | None, MedSo
         if isinstance(res, dict) and res.get("resourceType") in MEDICATION_TYPES:
             try:
                 yield index, extract(res, medications, patients, full_url=str(entry.get("fullUrl") or ""))
-            except SourceError as exc:
-                raise SourceError(exc.text, f"Bundle.entry[{index}].resource.{exc.location}") from None
+            except SourceError as exc:  # FHIRPath from the Bundle: Bundle.entry[2].resource.whenHandedOver
+                element = exc.location.split(".", 1)[1] if "." in exc.location else exc.location
+                raise SourceError(exc.text, f"Bundle.entry[{index}].resource.{element}") from None
 
 
 def extract(

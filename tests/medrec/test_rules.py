@@ -264,7 +264,7 @@ def test_patient_keys_and_unknown_patients() -> None:
 def test_malformed_date_and_missing_subject_name_the_element() -> None:
     with pytest.raises(SourceError) as bad_date:
         list(extract_all(bundle(dispense("d", "2026-13-45"))))
-    assert bad_date.value.location == "Bundle.entry[0].resource.MedicationDispense.whenHandedOver"
+    assert bad_date.value.location == "Bundle.entry[0].resource.whenHandedOver"
     res = request("r", "active", ago(1))
     del res["subject"]
     with pytest.raises(SourceError) as no_subject:
