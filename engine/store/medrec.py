@@ -155,18 +155,19 @@ def save_sources(
                 text = crypto.open_text(data, SOURCE_DATA)
                 mine[(rtype, res_id)] = json.loads(text)
                 stored[(rtype, res_id)] = (int(rid), patient, text)
-        # a resource stored under another patient (it moved): found by its unique key
-        unknown = [k for k in latest if k not in stored]
-        for chunk in _chunks(unknown):
-            ids = sorted({res_id for _, res_id in chunk})
-            cur.execute(
-                f"SELECT id, resource_type, resource_id, patient_key, data FROM medrec_sources "
-                f"WHERE channel = {m} AND resource_id IN ({', '.join([m] * len(ids))})",
-                (channel, *ids),
-            )
-            wanted = set(chunk)
-            for rid, rtype, res_id, patient, data in cur.fetchall():
-                if (rtype, res_id) in wanted:
+        # a resource stored under another patient (it moved): found through the unique index
+        unknown: dict[str, list[str]] = {}
+        for rtype, res_id in latest:
+            if (rtype, res_id) not in stored:
+                unknown.setdefault(rtype, []).append(res_id)
+        for rtype, ids in unknown.items():
+            for chunk in _chunks(ids):
+                cur.execute(
+                    f"SELECT id, resource_id, patient_key, data FROM medrec_sources WHERE channel = {m} "
+                    f"AND resource_type = {m} AND resource_id IN ({', '.join([m] * len(chunk))})",
+                    (channel, rtype, *chunk),
+                )
+                for rid, res_id, patient, data in cur.fetchall():
                     stored[(rtype, res_id)] = (int(rid), patient, crypto.open_text(data, SOURCE_DATA))
 
         inserts, updates, versions = [], [], []
