@@ -748,8 +748,8 @@ def _medrec_destination(loaded: Any, channel: str | None) -> tuple[str, Any]:
              and (channel is None or spec.config.name == channel)]
     if not found:
         _fail(f"channel {channel} has no medrec destination" if channel else "no channel has a medrec destination")
-    if len(found) > 1:
-        _fail("several channels reconcile medications: name one with --channel")
+    if len({getattr(d, "list_name", "") or name for name, d in found}) > 1:
+        _fail("several channels keep medication lists: name one with --channel")
     name, config = found[0]
     return name, default_registry().build_destination(config, loaded.base_dir)
 

@@ -12,6 +12,8 @@ Channel YAML (every key optional):
       table: mappings/tables/medication_groups.csv   # SBD -> SCD (RxNorm); "" for none
       text_merge: false                # merge text-only medications of equal text
       fallbacks: []                    # whenPrepared (dispense), dateAsserted (statement)
+      list_name: ""                    # whose lists these sources join: "" = this channel's; a polling
+                                       # channel names the pushing one, so a patient has one list
 
 `apply` reads `ctx.view.resource` (a medication resource, or a transaction Bundle whose
 Medication entries resolve the others' `medicationReference`), stores each source, and recomputes
@@ -54,6 +56,7 @@ class MedrecDestinationConfig(DestinationConfig):
     table: str = "mappings/tables/medication_groups.csv"
     text_merge: bool = False
     fallbacks: list[Literal["whenPrepared", "dateAsserted"]] = []
+    list_name: str = ""
 
     @field_validator("timezone")
     @classmethod
@@ -115,6 +118,10 @@ class MedrecDestination(LocalDestination):
             path = Path(self.base_dir) / path
         return {k: str(v) for k, v in load_csv_table(path).entries.items()}
 
+    def list_of(self, channel: str) -> str:
+        """The name the sources and records are kept under (the store's `channel` column)."""
+        return self.config.list_name or channel
+
     # -- the write side ----------------------------------------------------------------------------
 
     def apply(self, conn: Connection, ctx: MessageContext, outputs: list[Any]) -> None:
@@ -131,15 +138,16 @@ class MedrecDestination(LocalDestination):
             return  # a Patient or a Medication on its own: stored as received, nothing to reconcile
         rows = [store.SourceRow(s.resource_type, s.id, s.patient, s.status, s.as_dict()) for s in sources]
         received = ctx.received_at.astimezone(UTC).isoformat(timespec="microseconds")
-        touched, current = store.save_sources(conn, ctx.channel, rows, message_id=ctx.message_id, received_at=received)
+        name = self.list_of(ctx.channel)
+        touched, current = store.save_sources(conn, name, rows, message_id=ctx.message_id, received_at=received)
         rules = self.rules
         today = rules.today()
         for patient in touched:
             data = current.get(patient)
             if data is None:
-                data = store.load_sources(conn, ctx.channel, patient)
+                data = store.load_sources(conn, name, patient)
             result = reconcile(patient, [MedSource.from_dict(d) for d in data], rules, today)
-            self._save(conn, ctx.channel, result)
+            self._save(conn, name, result)
         log.debug("medrec: %d source(s), %d patient(s) recomputed (message %s)", len(rows), len(touched),
                   ctx.control_id)
 
@@ -160,6 +168,7 @@ class MedrecDestination(LocalDestination):
         on another day, or when the reasons for exclusions are asked for), or the list of `as_of`
         from the source versions received by the end of that day."""
         rules = self.rules
+        channel = self.list_of(channel)
         if as_of is not None:
             end = datetime.combine(as_of + timedelta(days=1), time(0), rules.tz).astimezone(UTC)
             data = store.load_sources_as_of(conn, channel, patient, end.isoformat(timespec="microseconds"))

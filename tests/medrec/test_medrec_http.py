@@ -1,0 +1,189 @@
+"""The medication list through the real stack: resources POSTed over HTTP to a running engine,
+the List read back over HTTP (bearer token required), the CLI on the same store."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from engine.cli import app as cli_app
+from engine.runtime.app import EngineApp, default_registry
+from engine.runtime.config import load_config
+from tests.medrec.helpers import AMLODIPINE_5, ATORVA_10, LIPITOR_10, RXNORM, administration, bundle, dispense, request
+
+pytest.importorskip("engine.runtime.http_app", reason="the HTTP listener (issue 14 part 1) is not on this branch")
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "medrec-test-token"
+FHIR = {"Content-Type": "application/fhir+json"}
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+CHANNEL = f"""\
+name: meds
+source: {{type: http}}
+input: fhir
+accept: [MedicationRequest, MedicationDispense, MedicationAdministration, MedicationStatement, Medication, Bundle]
+destinations:
+  - {{name: records, type: medrec, table: {ROOT / 'mappings' / 'tables' / 'medication_groups.csv'}}}
+"""
+
+
+def write_config(tmp_path: Path) -> Path:
+    (tmp_path / "channels").mkdir()
+    (tmp_path / "channels" / "meds.yaml").write_text(CHANNEL)
+    (tmp_path / "engine.yaml").write_text(
+        f"storage:\n  url: sqlite:///{tmp_path / 'e.db'}\ndicom:\n  enabled: false\n"
+        f"http:\n  enabled: true\n  host: 127.0.0.1\n  port: 0\n  token: {TOKEN}\n"
+    )
+    return tmp_path / "engine.yaml"
+
+
+def ago(days: int) -> str:
+    return (datetime.now(UTC).date() - timedelta(days=days)).isoformat()
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[tuple[EngineApp, httpx.AsyncClient, Path]]:
+    reg = default_registry()
+    config = write_config(tmp_path)
+    app = EngineApp(load_config(config, reg, env={}), reg)
+    await app.start()
+    assert app.http is not None
+    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http.port}", timeout=60)
+    try:
+        yield app, client, config
+    finally:
+        await client.aclose()
+        await app.stop()
+
+
+async def post(client: httpx.AsyncClient, resource: dict[str, Any]) -> httpx.Response:
+    return await client.post("/fhir/meds", content=json.dumps(resource), headers={**FHIR, **AUTH})
+
+
+async def the_list(client: httpx.AsyncClient, path: str = "/fhir/meds/List?patient=p1") -> dict[str, Any]:
+    response = await client.get(path, headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def statements(lst: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(lst.get("contained") or [])
+
+
+async def test_posted_bundle_becomes_one_list_and_changes_recompute_it(engine: Any) -> None:
+    _app, client, _ = engine
+    medication = {"resourceType": "Medication", "id": "lipitor", "code": {
+        "coding": [{"system": RXNORM, "code": LIPITOR_10, "display": "Lipitor 10 MG Oral Tablet"}]}}
+    by_ref = dispense("d-brand", ago(3), code=None, medicationReference={"reference": "Medication/lipitor"})
+    b = bundle(medication, request("r1", "completed", ago(30)), dispense("d1", ago(20)), by_ref,
+               request("r2", "active", ago(400), code=AMLODIPINE_5),
+               dispense("gone", ago(2), status="entered-in-error"),
+               administration("a-old", ago(101), code=AMLODIPINE_5))
+    response = await post(client, b)
+    assert response.status_code in (200, 201), response.text
+
+    lst = await the_list(client)
+    assert lst["resourceType"] == "List" and lst["code"]["coding"][0]["code"] == "10160-0"
+    assert (lst["mode"], lst["status"], lst["subject"]) == ("working", "current", {"reference": "Patient/p1"})
+    assert len(statements(lst)) == 2  # atorvastatin (generic and brand, via the table) and amlodipine
+    atorva = next(s for s in statements(lst) if any(c["code"] == ATORVA_10 for c in
+                                                    s["medicationCodeableConcept"]["coding"]))
+    assert [d["reference"] for d in atorva["derivedFrom"]] == [
+        "MedicationDispense/d-brand", "MedicationDispense/d1", "MedicationRequest/r1"]
+    assert atorva["effectiveDateTime"] == ago(3)
+    amlo = next(s for s in statements(lst) if s is not atorva)
+    assert [d["reference"] for d in amlo["derivedFrom"]] == ["MedicationRequest/r2"]  # the old administration is out
+    assert amlo["status"] == "active"
+
+    same = await the_list(client, "/fhir/meds/Patient/p1/$medication-list")
+    assert statements(same) == statements(lst)
+
+    # the active request is stopped (PUT of a new version): its record is recomputed in that unit
+    stopped = request("r2", "stopped", ago(400), code=AMLODIPINE_5)
+    response = await client.put("/fhir/meds/MedicationRequest/r2", content=json.dumps(stopped),
+                                headers={**FHIR, **AUTH})
+    assert response.status_code in (200, 201), response.text
+    after = await the_list(client)
+    assert len(statements(after)) == 1
+    assert statements(after)[0]["derivedFrom"] == atorva["derivedFrom"]
+
+    # as-of: the list from what had been received by the end of that day
+    today = await the_list(client, f"/fhir/meds/List?patient=Patient/p1&as-of={ago(0)}")
+    assert [s["derivedFrom"] for s in statements(today)] == [atorva["derivedFrom"]]
+    yesterday = await the_list(client, f"/fhir/meds/List?patient=Patient/p1&as-of={ago(1)}")
+    assert "emptyReason" in yesterday  # nothing had arrived yet
+
+
+async def test_unknown_patient_is_accepted_and_empty_list_says_so(engine: Any) -> None:
+    _app, client, _ = engine
+    empty = await the_list(client, "/fhir/meds/List?patient=nobody")
+    assert empty["emptyReason"]["coding"][0]["code"] == "nilknown" and "entry" not in empty
+    unknown = request("u1", "active", ago(1))
+    unknown["subject"] = {"reference": "urn:uuid:7d1c1c52-0000-4000-8000-000000000001"}
+    assert (await post(client, unknown)).status_code in (200, 201)
+    lst = await the_list(client, "/fhir/meds/List?patient=urn:uuid:7d1c1c52-0000-4000-8000-000000000001")
+    assert len(statements(lst)) == 1
+    # no code, no reference, no text (medication[x] is required, so the EMR says why it is absent)
+    nothing = request("n1", "active", ago(1), code=None, medicationCodeableConcept={"extension": [
+        {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}]})
+    assert (await post(client, nothing)).status_code in (200, 201)
+    lst = await the_list(client)
+    assert statements(lst)[0]["medicationCodeableConcept"]["text"].startswith("medication not stated")
+
+
+async def test_bad_input_answers_name_the_element(engine: Any) -> None:
+    _app, client, _ = engine
+    bad = dispense("bad", "2026-02-30T10:00:00Z")
+    response = await post(client, bad)
+    assert response.status_code in (400, 422)
+    outcome = response.json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert "whenHandedOver" in outcome["issue"][0]["expression"][0]
+    no_patient = request("np", "active", ago(1))
+    del no_patient["subject"]
+    response = await post(client, no_patient)
+    assert response.status_code in (400, 422) and "subject" in response.json()["issue"][0]["expression"][0]
+    response = await client.get("/fhir/meds/List", headers=AUTH)
+    assert response.status_code == 400 and response.json()["issue"][0]["expression"] == ["patient"]
+    response = await client.get("/fhir/meds/List?patient=p1&as-of=yesterday", headers=AUTH)
+    assert response.status_code == 400 and response.json()["issue"][0]["expression"] == ["as-of"]
+
+
+async def test_no_token_no_list(engine: Any) -> None:
+    _app, client, _ = engine
+    for path in ("/fhir/meds/List?patient=p1", "/fhir/meds/Patient/p1/$medication-list"):
+        response = await client.get(path)
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"].lower().startswith("bearer")
+        wrong = await client.get(path, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+    response = await client.post("/fhir/meds", content=json.dumps(request("x", "active", ago(1))), headers=FHIR)
+    assert response.status_code == 401
+
+
+async def test_cli_prints_the_list_and_explains(engine: Any) -> None:
+    app, client, config = engine
+    b = bundle(request("r1", "completed", ago(30)), dispense("d1", ago(20)), dispense("old", ago(150)))
+    assert (await post(client, b)).status_code in (200, 201)
+    runner = CliRunner()
+    env = {"ENGINE_CONFIG": None}
+    result = runner.invoke(cli_app, ["medrec", "p1", "--json", "--explain", "-c", str(config)], env=env)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert [r["date"] for r in out["records"]] == [ago(20)]
+    assert [s["id"] for s in out["records"][0]["sources"]] == ["d1", "r1"]
+    assert [(e["id"], "before the 100-day window" in e["reason"]) for e in out["excluded"]] == [("old", True)]
+    table = runner.invoke(cli_app, ["medrec", "Patient/p1", "--explain", "-c", str(config)], env=env)
+    assert table.exit_code == 0, table.output
+    assert "Dispense d1" in table.stdout and "MedicationDispense/old" in table.stdout
+    then = runner.invoke(cli_app, ["medrec", "p1", "--as-of", ago(400), "--json", "-c", str(config)], env=env)
+    assert then.exit_code == 0 and json.loads(then.stdout)["records"] == []
