@@ -53,7 +53,9 @@ def medication_list_router(dest: MedrecDestination, db: Engine, channel: str) ->
                 return operation_outcome(400, "as-of must be a date (YYYY-MM-DD)", "as-of")
         with reader.connect() as conn:
             result = dest.reconciliation(conn, channel, patient_param(patient), day)
-        return JSONResponse(build_list(result), media_type=FHIR_JSON)
+        # built from stored, typed records: each shape is validated by the tests, not every answer
+        # (fhir.resources took 3 ms of a 60-resource list, 40 times the building)
+        return JSONResponse(build_list(result, validate=False), media_type=FHIR_JSON)
 
     @router.get(f"/fhir/{channel}/List")
     def medication_list(

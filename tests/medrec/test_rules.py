@@ -270,3 +270,23 @@ def test_malformed_date_and_missing_subject_name_the_element() -> None:
     with pytest.raises(SourceError) as no_subject:
         extract(res)
     assert no_subject.value.location == "MedicationRequest.subject"
+
+
+def test_every_record_shape_makes_a_valid_list() -> None:
+    from engine.medrec.fhir_list import build_list
+
+    result = run(
+        request("coded", "stopped", ago(3)),
+        request("text", "active", ago(3), code=None, **med(None, text="home remedy")),
+        request("ref", "active", ago(3), code=None, medicationReference={"reference": "Medication/x"}),
+        request("none", "active", code=None),
+        dispense("d", ago(2), code=AMLODIPINE_5, status="in-progress", dosageInstruction=[{"text": "1 daily"}]),
+    )
+    lst = build_list(result)  # validates with fhir.resources (R4B), raises when invalid
+    shapes = {s["derivedFrom"][0]["reference"]: s for s in lst["contained"]}
+    assert shapes["MedicationRequest/ref"]["medicationReference"] == {"reference": "Medication/x"}
+    assert shapes["MedicationRequest/text"]["medicationCodeableConcept"] == {"text": "home remedy"}
+    assert "effectiveDateTime" not in shapes["MedicationRequest/none"]
+    assert shapes["MedicationDispense/d"]["status"] == "unknown"  # not a MedicationStatement status
+    assert shapes["MedicationDispense/d"]["dosage"] == [{"text": "1 daily"}]
+    assert shapes["MedicationRequest/coded"]["status"] == "stopped"
