@@ -65,6 +65,7 @@ class MedSource:
     reference: str = ""  # medicationReference that resolved nowhere ("" when resolved or absent)
     dose: str = ""  # dosage text
     taken: str = ""  # STU3 MedicationStatement.taken (y | n | unk), still sent by some EMRs
+    last_updated: str = ""  # meta.lastUpdated in UTC (ISO 8601, comparable as text); "" when not sent
 
     @property
     def key(self) -> str:
@@ -76,6 +77,7 @@ class MedSource:
             "resource_type": self.resource_type, "id": self.id, "patient": self.patient, "status": self.status,
             "dates": dict(self.dates), "codes": [list(c) for c in self.codes], "text": self.text,
             "display": self.display, "reference": self.reference, "dose": self.dose, "taken": self.taken,
+            "last_updated": self.last_updated,
         }
 
     @classmethod
@@ -169,6 +171,7 @@ def extract(
     source.dose = _dose(resource, rtype)
     taken = resource.get("taken")
     source.taken = str(taken).lower() if isinstance(taken, str) else ""
+    source.last_updated = _last_updated(resource)
     return source
 
 
@@ -253,6 +256,19 @@ def _resolve(ref: str, resource: Mapping[str, Any], medications: Mapping[str, di
     if len(parts) >= 2 and parts[-2] == "Medication":
         return medications.get(f"Medication/{parts[-1]}")
     return None
+
+
+def _last_updated(resource: Mapping[str, Any]) -> str:
+    """meta.lastUpdated as UTC text, so that an older version arriving late can be recognised."""
+    meta = resource.get("meta")
+    value = meta.get("lastUpdated") if isinstance(meta, Mapping) else None
+    if not isinstance(value, str) or not value:
+        return ""
+    try:
+        moment = parse_fhir_date(value, UTC).instant
+    except BadDate:
+        return ""  # an optional element the adapter validated already; unreadable: ignored
+    return moment.astimezone(UTC).isoformat(timespec="microseconds") if moment else ""
 
 
 def _dose(resource: Mapping[str, Any], rtype: str) -> str:

@@ -65,6 +65,7 @@ class MedrecSource(SQLModel, table=True):
     status: str = Field(default="", max_length=40)
     message_id: int | None = None
     updated_at: str = Field(default="", max_length=40)  # ISO 8601 UTC: compares as text on every backend
+    version_time: str = Field(default="", max_length=40)  # the sender's last change (meta.lastUpdated), UTC
     data: str = Field(sa_type=Text)
 
 
@@ -103,6 +104,7 @@ class SourceRow:
     patient_key: str
     status: str
     data: dict[str, Any]
+    version_time: str = ""  # when the sender last changed it (UTC ISO text); an older one never replaces
 
 
 def _dumps(data: Any) -> str:
@@ -143,18 +145,19 @@ def save_sources(
     try:
         patients = {r.patient_key for r in latest.values()}
         current: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
-        stored: dict[tuple[str, str], tuple[int, str, str]] = {}  # key -> (row id, patient, data json)
+        # key -> (row id, patient, data json, version time)
+        stored: dict[tuple[str, str], tuple[int, str, str, str]] = {}
         for patient in patients:
             cur.execute(
-                f"SELECT id, resource_type, resource_id, data FROM medrec_sources "
+                f"SELECT id, resource_type, resource_id, version_time, data FROM medrec_sources "
                 f"WHERE channel = {m} AND patient_key = {m} ORDER BY id",
                 (channel, patient),
             )
             mine = current.setdefault(patient, {})
-            for rid, rtype, res_id, data in cur.fetchall():
+            for rid, rtype, res_id, vtime, data in cur.fetchall():
                 text = crypto.open_text(data, SOURCE_DATA)
                 mine[(rtype, res_id)] = json.loads(text)
-                stored[(rtype, res_id)] = (int(rid), patient, text)
+                stored[(rtype, res_id)] = (int(rid), patient, text, vtime or "")
         # a resource stored under another patient (it moved): found through the unique index
         unknown: dict[str, list[str]] = {}
         for rtype, res_id in latest:
@@ -163,27 +166,29 @@ def save_sources(
         for rtype, ids in unknown.items():
             for chunk in _chunks(ids):
                 cur.execute(
-                    f"SELECT id, resource_id, patient_key, data FROM medrec_sources WHERE channel = {m} "
+                    f"SELECT id, resource_id, patient_key, version_time, data FROM medrec_sources WHERE channel = {m} "
                     f"AND resource_type = {m} AND resource_id IN ({', '.join([m] * len(chunk))})",
                     (channel, rtype, *chunk),
                 )
-                for rid, res_id, patient, data in cur.fetchall():
-                    stored[(rtype, res_id)] = (int(rid), patient, crypto.open_text(data, SOURCE_DATA))
+                for rid, res_id, patient, vtime, data in cur.fetchall():
+                    stored[(rtype, res_id)] = (int(rid), patient, crypto.open_text(data, SOURCE_DATA), vtime or "")
 
         inserts, updates, versions = [], [], []
         touched = set(patients)
         for key, row in latest.items():
             text = _dumps(row.data)
-            sealed = None
             old = stored.get(key)
             if old is not None and old[2] == text and old[1] == row.patient_key:
                 continue  # a resend that changes nothing
+            if old is not None and row.version_time and row.version_time < old[3]:
+                continue  # an older version arriving late (a poll after a push): the stored one stands
             sealed = crypto.seal_text(text, SOURCE_DATA)
             if old is None:
                 inserts.append((channel, row.patient_key, row.resource_type, row.resource_id, row.status, message_id,
-                                received_at, sealed))
+                                received_at, row.version_time, sealed))
             else:
-                updates.append((row.patient_key, row.status, message_id, received_at, sealed, old[0]))
+                updates.append((row.patient_key, row.status, message_id, received_at, row.version_time, sealed,
+                                old[0]))
                 if old[1] != row.patient_key:
                     touched.add(old[1])
                     current.get(old[1], {}).pop(key, None)
@@ -193,13 +198,13 @@ def save_sources(
         if inserts:
             cur.executemany(
                 "INSERT INTO medrec_sources (channel, patient_key, resource_type, resource_id, status, message_id, "
-                f"updated_at, data) VALUES ({', '.join([m] * 8)})",
+                f"updated_at, version_time, data) VALUES ({', '.join([m] * 9)})",
                 inserts,
             )
         if updates:
             cur.executemany(
                 f"UPDATE medrec_sources SET patient_key = {m}, status = {m}, message_id = {m}, updated_at = {m}, "
-                f"data = {m} WHERE id = {m}",
+                f"version_time = {m}, data = {m} WHERE id = {m}",
                 updates,
             )
         if versions:

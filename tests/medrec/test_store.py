@@ -160,3 +160,14 @@ def test_sealed_at_rest(db: Any, dest: MedrecDestination) -> None:
 
 def test_patient_param_spellings() -> None:
     assert patient_param("p1") == patient_param("Patient/p1") == patient_param("https://x/fhir/Patient/p1") == PATIENT
+
+
+def test_an_older_version_arriving_late_does_not_replace_the_stored_one(db: Any, dest: MedrecDestination) -> None:
+    first = request("r", "stopped", today_ago(300), meta={"lastUpdated": "2026-11-20T10:00:00+01:00"})  # 09:00Z
+    second = request("r", "active", today_ago(300), meta={"lastUpdated": "2026-11-20T09:30:00Z"})
+    post(db, dest, first)
+    post(db, dest, second)  # compared in UTC: 09:30Z is the later change, so it replaces the first
+    assert [r.status for r in the_list(db, dest).records] == ["active"]
+    post(db, dest, request("r", "stopped", today_ago(300), meta={"lastUpdated": "2026-11-19T00:00:00Z"}))
+    assert [r.status for r in the_list(db, dest).records] == ["active"]  # a day older: ignored
+    assert count(db, MedrecSourceVersion) == 2

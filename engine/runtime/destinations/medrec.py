@@ -136,7 +136,8 @@ class MedrecDestination(LocalDestination):
             raise ProcessingError(exc.text, code, exc.location) from None
         if not sources:
             return  # a Patient or a Medication on its own: stored as received, nothing to reconcile
-        rows = [store.SourceRow(s.resource_type, s.id, s.patient, s.status, s.as_dict()) for s in sources]
+        rows = [store.SourceRow(s.resource_type, s.id, s.patient, s.status, s.as_dict(), s.last_updated)
+                for s in sources]
         received = ctx.received_at.astimezone(UTC).isoformat(timespec="microseconds")
         name = self.list_of(ctx.channel)
         touched, current = store.save_sources(conn, name, rows, message_id=ctx.message_id, received_at=received)
