@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 COMPONENT_MODULES = [
     "engine.runtime.sources.mllp",
     "engine.runtime.sources.http",
+    "engine.runtime.sources.fhir_poll",
     "engine.runtime.destinations.fhir",
     "engine.runtime.destinations.file",
     "engine.runtime.destinations.mllp",
