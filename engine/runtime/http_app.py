@@ -3,9 +3,11 @@
 Every `http` source registers its channel here; the generic write routes
 (`POST /fhir/<channel>`, `POST /fhir/<channel>/<Type>`, `PUT /fhir/<channel>/<Type>/<id>`) hand
 the body to that channel's pipeline and answer only after commit, with the adapter's stored
-answer. Destinations may contribute read routes (`http_router(db, channel)`, contract C6); they
-are included first, behind the same bearer-token check. `GET /health` is open (no data, for load
-balancers); everything else, `/metrics` included, needs the token when one is configured.
+answer. Destinations may contribute read routes (`http_router(db, channel)`, contract C6): the
+router's paths are whole paths (`/fhir/<channel>/List`), included without a prefix and before the
+generic routes, behind the same bearer-token check (and audited like any request).
+`GET /health` is open (no data, for load balancers); everything else, `/metrics` included, needs
+the token when one is configured.
 Each request is audited (engine.store.audit) by a background writer: who, what, when, outcome.
 """
 
