@@ -98,6 +98,8 @@ class HttpConfig(Strict):
     port: int = Field(8080, ge=0, le=65535)
     token: str = Field("", repr=False)  # ENGINE_API_TOKEN; never echoed in an error
     max_body_bytes: int = Field(10 * 2**20, ge=1024)  # a larger body is refused with 413 while it arrives
+    read_timeout: float = Field(30.0, gt=0)  # the whole body must arrive within this (else 408)
+    max_connections: int = Field(256, ge=1)  # connections and requests in flight; past it new ones get 503
     audit: bool = True  # one row per request in http_audit (who, what, when, outcome; never the body)
 
     @model_validator(mode="after")

@@ -128,7 +128,8 @@ class HttpApp:
         if self.audit is not None:
             self.audit.start()
         ucfg = uvicorn.Config(self._guard(self.build()), log_config=None, log_level="warning", access_log=False,
-                              lifespan="off", server_header=False, timeout_keep_alive=30)
+                              lifespan="off", server_header=False, timeout_keep_alive=30,
+                              limit_concurrency=cfg.max_connections)
         self._server = _EmbeddedServer(ucfg)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http-listener")
         deadline = asyncio.get_running_loop().time() + 30
@@ -225,7 +226,10 @@ class HttpApp:
         if media not in MEDIA_TYPES:
             return _refuse(415, "not-supported", "send application/fhir+json (or application/json)")
         try:
-            raw = await _read_body(request, limit)
+            raw = await asyncio.wait_for(_read_body(request, limit), self.config.read_timeout)
+        except TimeoutError:
+            return _refuse(408, "timeout", f"the body did not arrive within {self.config.read_timeout:g} s",
+                           {"Connection": "close"})
         except BodyTooLarge as exc:
             close = {} if exc.args[0] else {"Connection": "close"}
             return _refuse(413, "too-long", f"the body is larger than {limit} bytes", close)

@@ -213,3 +213,18 @@ async def test_two_http_channels_share_the_listener(started: Any, med: Med, meds
     assert one.status_code == two.status_code == 201
     assert sorted(r["channel"] for r in stored(app)) == ["meds", "meds2"]
     assert app.port_of("meds") == app.port_of("meds2") == app.http.port  # type: ignore[union-attr]
+
+
+async def test_a_body_that_stalls_gets_408(started: Any, med: Med, tmp_path: Path) -> None:
+    app, client = await started(extra="  read_timeout: 0.5\n")
+    assert app.http is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.http.port)
+    writer.write(b"POST /fhir/meds HTTP/1.1\r\nHost: x\r\nContent-Type: application/fhir+json\r\n"
+                 b"Content-Length: 200\r\n\r\n{\"resourceType\": \"MedicationRequest\", ")
+    await writer.drain()  # ... and the rest never comes
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 408 ")
+    ok = await client.post("/fhir/meds", json=med("after"), headers=FHIR)  # the listener keeps serving
+    assert ok.status_code == 201
+    assert [r["status"] for r in stored(app)] == ["processed"]
