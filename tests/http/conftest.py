@@ -23,11 +23,12 @@ destinations:
 
 
 def write_config(tmp_path: Path, *, token: str = "", host: str = "127.0.0.1", channels: dict[str, str] | None = None,
-                 extra: str = "") -> Path:
+                 extra: str = "", url: str = "") -> Path:
     (tmp_path / "channels").mkdir(parents=True, exist_ok=True)
     (tmp_path / "mappings").mkdir(exist_ok=True)
+    default_url = f"sqlite:///{tmp_path / 'e.db'}"
     (tmp_path / "engine.yaml").write_text(
-        f"storage:\n  url: sqlite:///{tmp_path / 'e.db'}\ndicom:\n  enabled: false\n"
+        f"storage:\n  url: '{url or default_url}'\ndicom:\n  enabled: false\n"
         "delivery:\n  poll_interval_seconds: 0.05\n"
         f"http:\n  enabled: true\n  host: '{host}'\n  port: 0\n  token: '{token}'\n{extra}"
     )

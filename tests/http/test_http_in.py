@@ -228,3 +228,20 @@ async def test_a_body_that_stalls_gets_408(started: Any, med: Med, tmp_path: Pat
     ok = await client.post("/fhir/meds", json=med("after"), headers=FHIR)  # the listener keeps serving
     assert ok.status_code == 201
     assert [r["status"] for r in stored(app)] == ["processed"]
+
+
+async def test_post_batch_and_audit_on_both_databases(started: Any, med: Med, db_url: str) -> None:
+    app, client = await started(url=db_url, token="pg-token")
+    auth = {**FHIR, "Authorization": "Bearer pg-token"}
+    one = await client.post("/fhir/meds", json=med("d1"), headers=auth)
+    again = await client.post("/fhir/meds", json=med("d1"), headers=auth)
+    batch = {"resourceType": "Bundle", "type": "batch", "entry": [{"resource": med(f"d{i}")} for i in range(2, 6)]}
+    many = await client.post("/fhir/meds", json=batch, headers=auth)
+    assert one.status_code == again.status_code == 201 and many.status_code == 200
+    assert [r["status"] for r in stored(app)] == ["processed", "duplicate"] + ["processed"] * 4
+    metrics = (await client.get("/metrics", headers=auth)).text
+    assert 'engine_messages_total{channel="meds",status="processed"} 5' in metrics
+    await app.stop()
+    with app.db.connect() as conn:  # type: ignore[union-attr]
+        audit = [dict(r._mapping) for r in conn.execute(select(AUDIT).order_by(AUDIT.c.id))]
+    assert [a["status"] for a in audit] == [201, 201, 200, 200]
