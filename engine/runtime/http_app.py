@@ -26,8 +26,10 @@ from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import Engine
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.fhir.adapter import operation_outcome, read_answer
 from engine.runtime import metrics
@@ -105,6 +107,8 @@ class HttpApp:
     # -- lifecycle ---------------------------------------------------------------------------
     def build(self) -> FastAPI:
         app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+        app.add_exception_handler(StarletteHTTPException, _http_error)  # FHIR clients read OperationOutcomes
+        app.add_exception_handler(RequestValidationError, _request_error)
         for router in self.routers:  # C6: before the generic write routes
             app.include_router(router)
         app.add_api_route("/health", self._health, methods=["GET"])
@@ -256,6 +260,24 @@ class HttpApp:
             request.state.message_id = outcomes[0].message_id
         answer = read_answer(adapter.combine(outcomes))
         return _fhir(answer.status, answer.body or {})
+
+
+ISSUES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported",
+          409: "conflict", 413: "too-long", 415: "not-supported", 422: "processing"}
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    issue = ISSUES.get(exc.status_code, "exception")
+    return _refuse(exc.status_code, issue, str(exc.detail), dict(exc.headers or {}))
+
+
+async def _request_error(_request: Request, exc: Exception) -> Response:
+    """A read route's query or path parameter that does not validate: named, without its value."""
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    return _fhir(400, operation_outcome("invalid", f"{where}: {first.get('msg', 'invalid')}", where))
 
 
 def _bearer_ok(scope: Scope, token: bytes) -> bool:

@@ -100,6 +100,10 @@ async def test_unknown_channel_path_mismatch_and_too_large(started: Any, med: Me
     app, client = await started()
     resp = await client.post("/fhir/nosuch", json=med(), headers=FHIR)
     assert resp.status_code == 404 and resp.json()["resourceType"] == "OperationOutcome"
+    nowhere = await client.get("/nowhere")
+    assert nowhere.status_code == 404 and nowhere.json()["issue"][0]["code"] == "not-found"
+    wrong_method = await client.delete("/fhir/meds")
+    assert wrong_method.status_code == 405 and wrong_method.json()["resourceType"] == "OperationOutcome"
     wrong_type = await client.post("/fhir/meds/MedicationDispense", json=med(), headers=FHIR)
     assert wrong_type.status_code == 400
     wrong_id = await client.put("/fhir/meds/MedicationRequest/other", json=med("mr1"), headers=FHIR)

@@ -93,6 +93,9 @@ async def test_destination_routes_are_served_behind_the_token(tmp_path: Path) ->
             # a destination's route wins over the generic write route of the same shape (POST /fhir/<ch>/<Type>)
             reconcile = await client.post("/fhir/meds/$reconcile", headers=auth)
             assert reconcile.status_code == 200 and reconcile.json() == {"resourceType": "Parameters"}
+            no_patient = await client.get("/fhir/meds/List", headers=auth)
+            assert no_patient.status_code == 400
+            assert no_patient.json()["issue"][0]["expression"] == ["query.patient"]
             anonymous = await client.get("/fhir/meds/List", params={"patient": "p1"})
             assert anonymous.status_code == 401
         assert app.db is not None
