@@ -61,8 +61,8 @@ def put_all(emr: Any, resources: list[dict[str, Any]]) -> None:
     assert resp.status_code == 200, resp.text[:500]
 
 
-def config(tmp_path: Path, base_url: str) -> Path:
-    (tmp_path / "channels").mkdir()
+def config(tmp_path: Path, base_url: str, auth: str = "") -> Path:
+    (tmp_path / "channels").mkdir(parents=True)
     (tmp_path / "engine.yaml").write_text(
         f"storage:\n  url: sqlite:///{tmp_path / 'e.db'}\ndicom:\n  enabled: false\n"
         "http:\n  enabled: true\n  port: 0\n")
@@ -71,6 +71,7 @@ name: poll
 source:
   type: fhir-poll
   base_url: {base_url}
+  {auth or "auth: {type: none}"}
   resources: [MedicationRequest, MedicationStatement]
   patients: [pp1]
   page_size: 25
@@ -155,3 +156,39 @@ async def test_poller_failure_keeps_the_watermark(tmp_path: Path) -> None:
         assert stored(app) == []
     finally:
         await app.stop()
+
+
+async def test_poller_sends_the_emr_token(tmp_path: Path) -> None:
+    servers = _servers()
+    emr = servers.Sekmet(tmp_path / "sekmet", tokens=[servers.TOKEN])
+    await asyncio.to_thread(emr.start)
+    try:
+        put = {"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+            for r in [{"resourceType": "Patient", "id": "pp1"}, request("tok1", datetime.now(UTC))]]}
+        resp = await asyncio.to_thread(httpx.post, emr.base_url, json=put, timeout=60,
+                                       headers={**emr.headers(), "Content-Type": "application/fhir+json"})
+        assert resp.status_code == 200, resp.text[:300]
+        results = {}
+        for name, token in (("wrong", "not-the-token"), ("right", servers.TOKEN)):
+            reg = default_registry()
+            path = config(tmp_path / name, emr.base_url, auth=f"auth: {{type: bearer, token: {token}}}")
+            app = EngineApp(load_config(path, reg, env={}), reg)
+            await app.start()
+            try:
+                assert app.db is not None
+                for _ in range(600):
+                    states = await asyncio.to_thread(load_states, app.db, "poll")
+                    if len(states) == 2:
+                        break
+                    await asyncio.sleep(0.1)
+                results[name] = ({s["last_error"] for s in states},
+                                 [r["control_id"] for r in stored(app) if r["status"] == "processed"])
+            finally:
+                await app.stop()
+        assert results["wrong"] == ({"HTTP 401"}, [])
+        assert results["right"][0] == {""}
+        # found by authoredon and again by status=active: stored once, the second a duplicate
+        assert [c.split("#")[0] for c in results["right"][1]] == ["MedicationRequest/tok1"]
+    finally:
+        await asyncio.to_thread(emr.stop)
