@@ -187,3 +187,47 @@ async def test_cli_prints_the_list_and_explains(engine: Any) -> None:
     assert "Dispense d1" in table.stdout and "MedicationDispense/old" in table.stdout
     then = runner.invoke(cli_app, ["medrec", "p1", "--as-of", ago(400), "--json", "-c", str(config)], env=env)
     assert then.exit_code == 0 and json.loads(then.stdout)["records"] == []
+
+
+def shipped_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("ENGINE_API_TOKEN", "BIND_HOST", "ENGINE_STORAGE_URL")}
+    env.update({
+        "ENGINE_STORAGE_URL": f"sqlite:///{tmp_path / 'engine.db'}",
+        "ORDERS_MLLP_PORT": "0", "RESULTS_MLLP_PORT": "0", "DICOM_PORT": "0", "HTTP_PORT": "0",
+        "ORDERS_ARCHIVE_DIR": str(tmp_path / "archive"), "RESULTS_OUTBOX_DIR": str(tmp_path / "outbox"),
+        "MEDS_ARCHIVE_DIR": str(tmp_path / "meds"), "ENGINE_LOG_LEVEL": "WARNING", "ENGINE_API_TOKEN": TOKEN,
+    })
+    env.update(extra)
+    return env
+
+
+async def test_shipped_channel_serves_the_list(tmp_path: Path) -> None:
+    reg = default_registry()
+    app = EngineApp(load_config(ROOT / "engine.yaml", reg, env=shipped_env(tmp_path)), reg)
+    await app.start()
+    try:
+        assert app.http is not None
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http.port}", timeout=60) as client:
+            b = bundle(request("r1", "completed", ago(30)), dispense("d1", ago(20)), dispense("d0", ago(101)))
+            posted = await client.post("/fhir/emr-medications", content=json.dumps(b), headers={**FHIR, **AUTH})
+            assert posted.status_code in (200, 201), posted.text
+            refused = await client.get("/fhir/emr-medications/List?patient=p1")
+            assert refused.status_code == 401
+            lst = (await client.get("/fhir/emr-medications/List?patient=p1", headers=AUTH)).json()
+            (only,) = statements(lst)
+            assert only["effectiveDateTime"] == ago(20)
+            assert [d["reference"] for d in only["derivedFrom"]] == ["MedicationDispense/d1", "MedicationRequest/r1"]
+    finally:
+        await app.stop()
+
+
+def test_shipped_poll_channel_feeds_the_same_lists(tmp_path: Path) -> None:
+    loaded = load_config(ROOT / "engine.yaml", default_registry(), env=shipped_env(tmp_path))
+    by_channel = {spec.config.name: {d.name: d for d in spec.destinations} for spec in loaded.channels}
+    assert by_channel["emr-medications-poll"]["records"].list_name == "emr-medications"  # type: ignore[attr-defined]
+    pushed = by_channel["emr-medications"]["records"]
+    polled = by_channel["emr-medications-poll"]["records"]
+    same = ("window_days", "timezone", "hierarchy", "systems", "table", "text_merge", "fallbacks")
+    assert {k: getattr(pushed, k) for k in same} == {k: getattr(polled, k) for k in same}

@@ -171,3 +171,16 @@ def test_an_older_version_arriving_late_does_not_replace_the_stored_one(db: Any,
     post(db, dest, request("r", "stopped", today_ago(300), meta={"lastUpdated": "2026-11-19T00:00:00Z"}))
     assert [r.status for r in the_list(db, dest).records] == ["active"]  # a day older: ignored
     assert count(db, MedrecSourceVersion) == 2
+
+
+def test_a_second_channel_can_feed_the_same_lists(db: Any, dest: MedrecDestination) -> None:
+    poll = MedrecDestination(MedrecDestinationConfig(name="records", type="medrec", list_name=CHANNEL), base_dir=ROOT)
+    post(db, dest, request("r1", "completed", today_ago(30)))
+    ctx = MessageContext("emr-medications-poll", b"", View(dispense("d1", today_ago(20))), "MedicationDispense", "c2",
+                         "", datetime.now(UTC))
+    with db.begin() as conn:
+        poll.apply(conn, ctx, [])
+    (record,) = the_list(db, dest).records
+    assert [s["id"] for s in record.sources] == ["d1", "r1"]
+    with db.connect() as conn:
+        assert poll.reconciliation(conn, "emr-medications-poll", PATIENT).records == [record]
