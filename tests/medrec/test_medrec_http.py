@@ -231,3 +231,16 @@ def test_shipped_poll_channel_feeds_the_same_lists(tmp_path: Path) -> None:
     polled = by_channel["emr-medications-poll"]["records"]
     same = ("window_days", "timezone", "hierarchy", "systems", "table", "text_merge", "fallbacks")
     assert {k: getattr(pushed, k) for k in same} == {k: getattr(polled, k) for k in same}
+
+
+def test_bad_medrec_settings_are_config_errors_citing_the_file(tmp_path: Path) -> None:
+    from engine.configfile import ConfigError
+
+    config = write_config(tmp_path)
+    (tmp_path / "channels" / "meds.yaml").write_text(CHANNEL.replace(
+        "type: medrec,", "type: medrec, timezone: Mars/Olympus, hierarchy: [MedicationDispense, MedicationDispense],"))
+    with pytest.raises(ConfigError) as info:
+        load_config(config, default_registry(), env={})
+    problems = [str(p) for p in info.value.problems]
+    assert any(p.startswith("channels/meds.yaml:") and "unknown time zone" in p for p in problems), problems
+    assert any("appears twice in the hierarchy" in p for p in problems), problems
