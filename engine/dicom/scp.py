@@ -37,6 +37,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine
 
 from engine.dicom.slots import AssociationSlots, SlotRefused
+from engine.inputs import Outcome
 
 __all__ = [
     "DicomApplication",
@@ -134,10 +135,13 @@ class ServiceConflict(ValueError):
 
 @dataclass(frozen=True)
 class ServiceContext:
-    """What the engine hands a service factory: the store and the `dicom:` settings of engine.yaml."""
+    """What the engine hands a service factory: the store, the `dicom:` settings of engine.yaml and,
+    when a channel takes DICOM units (MPPS), `submit`: runs one raw unit (C1) through that channel
+    and returns its committed outcome (called from pynetdicom's threads, it blocks)."""
 
     db: Engine | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
+    submit: Callable[[bytes], Outcome] | None = None
 
 
 ServiceFactory = Callable[[ServiceContext], DicomService]
