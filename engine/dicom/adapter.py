@@ -17,6 +17,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from engine.dicom.mpps import MPPS_SOP_CLASS, check_create, check_set
@@ -82,7 +83,9 @@ class DicomView:
         node: Any = self.dataset
         for step in path.split("."):
             m = _STEP.match(step)
-            if m is None or not isinstance(node, Dataset) or m.group(1) not in node:
+            if m is None or not isinstance(node, Dataset) or tag_for_keyword(m.group(1)) is None:
+                return ""  # not a DICOM keyword: pydicom would warn on the `in` test
+            if m.group(1) not in node:
                 return ""
             node = node.get(m.group(1))
             if m.group(2) is not None:
