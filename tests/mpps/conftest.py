@@ -78,7 +78,19 @@ async def ris() -> AsyncIterator[FakeRis]:
 @pytest.fixture
 async def engine(tmp_path: Path, ris: FakeRis) -> AsyncIterator[EngineApp]:
     """The shipped engine.yaml and channels; the RIS status destination points at our RIS."""
-    env = engine_env(tmp_path)
+    async for app in _engine(tmp_path, ris, None):
+        yield app
+
+
+@pytest.fixture
+async def any_db_engine(tmp_path: Path, ris: FakeRis, db_url: str) -> AsyncIterator[EngineApp]:
+    """As `engine`, on SQLite and on PostgreSQL (a schema of its own)."""
+    async for app in _engine(tmp_path, ris, db_url):
+        yield app
+
+
+async def _engine(tmp_path: Path, ris: FakeRis, url: str | None) -> AsyncIterator[EngineApp]:
+    env = engine_env(tmp_path, url)
     env["RIS_STATUS_PORT"] = str(ris.port)
     registry = default_registry()
     app = EngineApp(load_config(ROOT / "engine.yaml", registry, env=env), registry)

@@ -56,8 +56,9 @@ def status_of(msg: Any) -> tuple[str, str]:
 
 
 async def test_in_progress_then_completed_reaches_worklist_and_ris(
-    engine: EngineApp, ris: FakeRis, tmp_path: Path
+    any_db_engine: EngineApp, ris: FakeRis, tmp_path: Path
 ) -> None:
+    engine = any_db_engine
     order = Order()
     await order.place(engine)
     uid = order.mpps_uid()
@@ -280,3 +281,43 @@ async def findscu(app: EngineApp, out: Path, accession: str) -> list[str]:
 
     answers = [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
     return [str(a.ScheduledProcedureStepSequence[0].ScheduledProcedureStepStatus) for a in answers]
+
+
+async def test_ris_down_blocks_nothing_and_gets_the_status_once_it_listens(tmp_path: Path) -> None:
+    """No RIS on RIS_STATUS_PORT: the modality is answered at once, the status waits in the queue
+    (retried, with the reason), orders still flow; when the RIS starts listening it gets the update."""
+    from engine.runtime.app import default_registry
+    from engine.runtime.config import load_config
+    from tests.conftest import ROOT, engine_env, free_port
+
+    port = free_port()
+    env = engine_env(tmp_path) | {"RIS_STATUS_PORT": str(port)}
+    registry = default_registry()
+    app = EngineApp(load_config(ROOT / "engine.yaml", registry, env=env), registry)
+    await app.start()
+    late = FakeRis()
+    try:
+        order = Order()
+        await order.place(app)
+        assert (await n_create(app, order.n_create(), order.mpps_uid())).Status == 0
+        assert app.db is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while True:
+            with app.db.connect() as conn:
+                row = conn.execute(select(DELIVERIES).where(DELIVERIES.c.destination == "ris")).mappings().first()
+            if row is not None and row["attempts"] >= 1:
+                break
+            assert loop.time() < deadline, "the status delivery was never tried"
+            await asyncio.sleep(0.1)
+        assert row["state"] == "pending" and "not delivered" in row["last_error"]
+        second = Order()
+        await second.place(app)  # the orders channel is not held up
+        late.server = await asyncio.start_server(late._serve, "127.0.0.1", port)
+        got = await late.wait_for(1, timeout=120)
+        assert status_of(got[0]) == ("SC", "IP") and got[0].get("ORC-3") == order.filler
+    finally:
+        await app.stop()
+        if late.server is not None:
+            late.server.close()
+            await late.server.wait_closed()
