@@ -321,3 +321,27 @@ async def test_ris_down_blocks_nothing_and_gets_the_status_once_it_listens(tmp_p
         if late.server is not None:
             late.server.close()
             await late.server.wait_closed()
+
+
+async def test_engine_messages_reports_the_unscheduled_step(engine: EngineApp, tmp_path: Path) -> None:
+    import sys
+
+    from tests.conftest import ROOT, engine_env
+
+    order = Order()
+    uid = order.mpps_uid()
+    assert (await n_create(engine, order.n_create(scheduled=False), uid)).Status == 0
+    args = [sys.executable, "-m", "engine", "messages", "-c", str(ROOT / "engine.yaml"), "--channel", CHANNEL,
+            "--warnings", "--json"]
+    done = await asyncio.to_thread(subprocess.run, args, env=engine_env(tmp_path), capture_output=True, text=True,
+                                   timeout=120)
+    assert done.returncode == 0, done.stderr
+    listed = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(m["control_id"], m["flags"]) for m in listed] == [(uid, "unscheduled")]
+    assert "unscheduled step" in json.dumps(listed[0]["warnings"])
+    shown = await asyncio.to_thread(
+        subprocess.run, [*args[:4], "show", str(listed[0]["id"]), "-c", str(ROOT / "engine.yaml")],
+        env=engine_env(tmp_path), capture_output=True, text=True, timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "flags: unscheduled" in shown.stdout
