@@ -4,7 +4,8 @@ a step (IHE SWF: the DSS/OF tells the order placer/filler): ORM^O01 or OMI^O23 w
 ORC-5 says where the order is: IP (in process), CM (completed), DC (discontinued, with the
 reason in ORC-16). The order is named as the RIS knows it: placer (ORC-2/OBR-2), filler
 (ORC-3/OBR-3) and accession (OBR-18 or the configured field for ORM, IPC-1 for OMI). Every value
-is escaped; MSH-10 is unique per message. Knows nothing of DICOM: the caller fills `OrderStatus`.
+is escaped; MSH-10 is unique per message; text beyond ASCII goes as UTF-8, said in MSH-18.
+Knows nothing of DICOM: the caller fills `OrderStatus`.
 """
 
 from __future__ import annotations
@@ -129,4 +130,10 @@ def build_status_message(status: OrderStatus, fmt: StatusFormat, *, control_id: 
         target = obr if seg == "OBR" else orc
         target[int(num)] = _e(status.accession_number)
         segments += [_segment("ORC", orc), _segment("OBR", obr)]
-    return "\r".join(segments) + "\r"
+    text = "\r".join(segments) + "\r"
+    if not text.isascii():  # a name in another script: say how the bytes (UTF-8) are to be read
+        head, rest = text.split("\r", 1)
+        fields = head.split("|") + [""] * 6
+        fields[17] = "UNICODE UTF-8"  # MSH-18 (MSH-1 is the separator itself)
+        text = "|".join(fields[:18]) + "\r" + rest
+    return text

@@ -128,7 +128,7 @@ class EngineApp:
 
         d = self.config.engine.dicom
         assert self.db is not None
-        submit = channel_submitter([ch.source for ch in self.channels.values()])
+        submit = channel_submitter({name: ch.source for name, ch in self.channels.items()})
         names = DEFAULT_SERVICES + (CHANNEL_SERVICES if submit is not None else ())  # MPPS only with its channel
         services = default_registry().build(names, ServiceContext(self.db, d.model_dump(), submit))
         tls = None

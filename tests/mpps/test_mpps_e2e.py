@@ -345,3 +345,14 @@ async def test_engine_messages_reports_the_unscheduled_step(engine: EngineApp, t
     )
     assert shown.returncode == 0, shown.stderr
     assert "flags: unscheduled" in shown.stdout
+
+
+async def test_n_create_without_an_instance_uid_gets_one_from_the_engine(engine: EngineApp) -> None:
+    order = Order()
+    await order.place(engine)
+    assert (await n_create(engine, order.n_create(), None)).Status == 0
+    rows = stored(engine)
+    assert len(rows) == 1 and rows[0]["status"] == "processed"
+    made = rows[0]["control_id"]
+    assert made.startswith("1.2.") and step(engine, made) is not None
+    assert item_status(engine, order) == "IN PROGRESS"

@@ -152,3 +152,10 @@ def test_an_mpps_channel_loads(tmp_path: Path) -> None:
     spec = loaded.channels[0]
     assert spec.input.type == "dicom"
     assert json.loads(envelope("N-SET", "", "1.2", "", "", Dataset()))["dataset"] == {}
+
+
+def test_status_message_beyond_ascii_says_utf8() -> None:
+    text = build_status_message(OrderStatus("IP", patient_name="Müller^Jörg", placer_order="P1"), StatusFormat())
+    msg = Message.parse(text.encode("utf-8"))
+    assert msg.get("MSH-18") == "UNICODE UTF-8" and msg.get("PID-5.2") == "Jörg"
+    assert Message.parse(build_status_message(OrderStatus("IP"), StatusFormat()).encode()).get("MSH-18") == ""

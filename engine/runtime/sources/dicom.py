@@ -73,7 +73,10 @@ def register(registry: Registry) -> None:
     registry.add_source("dicom", DicomSource)
 
 
-def channel_submitter(sources: list[object]) -> Submit | None:
+def channel_submitter(sources: dict[str, object]) -> Submit | None:
     """The running DICOM channel's `submit`, for the SCP's MPPS service (None: no channel takes MPPS)."""
-    found = [s for s in sources if isinstance(s, DicomSource)]
-    return found[0].submit if found else None
+    for name, source in sources.items():
+        if isinstance(source, DicomSource):
+            log.info("channel %s takes MPPS N-CREATE/N-SET from the DICOM application", name)
+            return source.submit
+    return None
