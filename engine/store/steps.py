@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Text, UniqueConstraint, and_, insert, or_, select, update
+from sqlalchemy import DateTime, Text, UniqueConstraint, and_, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, SQLModel
 
@@ -27,7 +27,7 @@ from engine.store.worklist import WorklistItem, load_dataset
 __all__ = [
     "DATASET",
     "PerformedStep",
-    "completed_for_study",
+    "completed_instances",
     "get_step",
     "insert_step",
     "match_item",
@@ -51,6 +51,7 @@ class PerformedStep(SQLModel, table=True):
     calling_aet: str = Field(default="", max_length=16)
     worklist_items: str = Field(default="", max_length=200)  # matched worklist row ids ("1,2"); "": unscheduled
     discontinuation_reason: str = Field(default="", max_length=200)  # code^scheme^meaning
+    instance_count: int = 0  # instances the Performed Series Sequence lists
     message_id: int | None = None  # the N-CREATE's stored message
     created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
     updated_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
@@ -88,12 +89,15 @@ def update_step(conn: Connection, step_id: int, record: Mapping[str, Any], **col
     )
 
 
-def completed_for_study(conn: Connection, study_instance_uid: str) -> bool:
-    """Has a COMPLETED MPPS already reported this study (so the poll need not)?"""
+def completed_instances(conn: Connection, study_instance_uid: str) -> int | None:
+    """How many instances the COMPLETED MPPS of this study listed (None: no COMPLETED MPPS), so the
+    poll reports the study only when the PACS holds more than that (a series added later)."""
     row = conn.execute(
-        select(T.c.id).where(T.c.study_instance_uid == study_instance_uid, T.c.status == "COMPLETED").limit(1)
+        select(func.count(T.c.id), func.coalesce(func.sum(T.c.instance_count), 0)).where(
+            T.c.study_instance_uid == study_instance_uid, T.c.status == "COMPLETED"
+        )
     ).first()
-    return row is not None
+    return int(row[1]) if row is not None and row[0] else None
 
 
 def match_item(

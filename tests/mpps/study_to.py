@@ -1,6 +1,7 @@
 """A configuration with `study_to` set (the PACS helper adds the real imagingstudy destination; a
-file destination stands in): runs one scheduled COMPLETED MPPS, a poll FOUND for that study and one
-for a study without MPPS, and returns the study payloads (C3) queued for `studies`, in order."""
+file destination stands in): runs one scheduled COMPLETED MPPS (6 instances), a poll FOUND for
+that study with those 6, one with 7 (a series added later), one for a study without MPPS, and
+returns the study payloads (C3) queued for `studies`, in order."""
 
 from __future__ import annotations
 
@@ -60,6 +61,8 @@ async def run_study_to(tmp_path: Path) -> list[dict[str, Any]]:
         pipeline = app.channels["pacs-studies"].pipeline
         again = await pipeline.receive(found(order.study_uid, order.accession, order.patient, 6))
         assert again.status == "processed"
+        grown = await pipeline.receive(found(order.study_uid, order.accession, order.patient, 7))
+        assert grown.status == "processed"  # a series added after the MPPS: reported by the poll
         other = Order()
         alone = await pipeline.receive(found(other.study_uid, other.accession, other.patient, 4))
         assert alone.status == "processed"
@@ -70,7 +73,8 @@ async def run_study_to(tmp_path: Path) -> list[dict[str, Any]]:
                 .order_by(DELIVERIES.c.id)
             ).all()
         payloads = [json.loads(crypto.open_value(r[0], crypto.PAYLOAD)) for r in rows]
-        assert [r[1] for r in rows] == [f"study:{order.study_uid}", f"study:{other.study_uid}"]
+        keys = [f"study:{order.study_uid}", f"study:{order.study_uid}", f"study:{other.study_uid}"]
+        assert [r[1] for r in rows] == keys
         return payloads
     finally:
         await app.stop()

@@ -253,12 +253,12 @@ async def test_omi_status_and_not_settable_attributes(tmp_path: Path, ris: FakeR
 
 async def test_completed_emits_the_study_payload_when_study_to_is_set(tmp_path: Path) -> None:
     """With `study_to` (the PACS helper's imagingstudy destination; a file destination stands in),
-    COMPLETED queues the C3 study payload, and a study the poll finds afterwards is not reported
-    again; one found without MPPS is."""
+    COMPLETED queues the C3 study payload; the poll's FOUND of that study is not reported again
+    unless the PACS holds more instances than the MPPS listed; a study found without MPPS is."""
     from tests.mpps.study_to import run_study_to
 
     payloads = await run_study_to(tmp_path)
-    assert [p["source"] for p in payloads] == ["mpps", "poll"]
+    assert [p["source"] for p in payloads] == ["mpps", "poll", "poll"]
     mpps = payloads[0]
     assert mpps["status"] == "COMPLETED" and mpps["placer_order"].startswith("PL")
     assert len(mpps["performed_series"]) == 2
@@ -266,6 +266,8 @@ async def test_completed_emits_the_study_payload_when_study_to_is_set(tmp_path: 
     assert mpps["performers"] == ["Tech^Tina"] and mpps["started"] == "20261125101500"
     assert mpps["procedure_code"] == [{"code": "CTHEAD", "system": "LOCAL", "display": "CT Head without contrast"}]
     assert payloads[1]["status"] == "FOUND" and payloads[1]["performed_series"] == []
+    assert payloads[1]["placer_order"] == mpps["placer_order"]  # the order, from the worklist item
+    assert payloads[2]["placer_order"] == ""  # a study the RIS did not order here
 
 
 async def findscu(app: EngineApp, out: Path, accession: str) -> list[str]:

@@ -11,7 +11,8 @@ what the RIS and the EMR are told (IHE SWF RAD-6/RAD-7), in the unit's transacti
 - Each status change of a matched order emits (C2) an ORM^O01/OMI^O23 with ORC-1 SC and ORC-5
   IP/CM/DC for `status_to`; COMPLETED emits the study payload (C3) for `study_to`.
 - STUDY^FOUND (a study the PACS poll found): the study payload with source "poll", unless a
-  COMPLETED MPPS already reported that study.
+  COMPLETED MPPS already reported that study with at least as many instances as the PACS holds
+  (a series added after the MPPS is reported again, so the ImagingStudy's counts follow).
 
 The required attributes of an N-CREATE are checked by the `dicom` adapter before this runs.
 """
@@ -40,7 +41,7 @@ from engine.hl7.status import ORDER_STATUS, Coded, OrderStatus, StatusFormat, bu
 from engine.runtime.destinations.base import DestinationConfig, Emitted, LocalDestination, MessageContext, raw_of
 from engine.runtime.registry import Registry
 from engine.store.messages import note_message
-from engine.store.steps import completed_for_study, get_step, insert_step, match_item, update_step
+from engine.store.steps import completed_instances, get_step, insert_step, match_item, update_step
 from engine.store.worklist import OPEN_STATUSES, SPS_SEQ, StepStatus, set_status
 
 __all__ = ["StepsDestination", "StepsDestinationConfig", "register", "study_payload"]
@@ -287,7 +288,8 @@ class StepsDestination(LocalDestination):
         for item in _items(pps, "PerformedProcedureStepDiscontinuationReasonCodeSequence")[:1]:
             reason = "^".join((_s(item.get("CodeValue")), _s(item.get("CodingSchemeDesignator")),
                                _s(item.get("CodeMeaning"))))[:200]
-        update_step(conn, step["id"], record, status=new, discontinuation_reason=reason)
+        count = sum(len(s["instances"]) for s in _series(pps))
+        update_step(conn, step["id"], record, status=new, discontinuation_reason=reason, instance_count=count)
         if new == old:
             return []
         orders = record.get("orders") or []
@@ -305,7 +307,11 @@ class StepsDestination(LocalDestination):
     def _found(self, conn: Connection, view: DicomView) -> list[Emitted]:
         found = view.dataset
         study_uid = _s(found.get("StudyInstanceUID"))
-        if not self.config.study_to or completed_for_study(conn, study_uid):
+        if not self.config.study_to:
+            return []
+        listed = completed_instances(conn, study_uid)
+        held = int(_s(found.get("NumberOfStudyRelatedInstances")) or 0)
+        if listed is not None and held <= listed:
             return []  # the COMPLETED MPPS of this study produced its payload already
         row = match_item(conn, study_instance_uid=study_uid, accession_number=_s(found.get("AccessionNumber")))
         payload = study_payload("poll", "FOUND", study_uid, _order_of(row) if row is not None else None, found)
