@@ -358,3 +358,33 @@ async def test_n_create_without_an_instance_uid_gets_one_from_the_engine(engine:
     made = rows[0]["control_id"]
     assert made.startswith("1.2.") and step(engine, made) is not None
     assert item_status(engine, order) == "IN PROGRESS"
+
+
+async def test_with_engine_key_the_step_record_is_sealed_and_rotated(tmp_path: Path, ris: FakeRis) -> None:
+    import base64
+
+    from engine.runtime.app import default_registry
+    from engine.runtime.config import load_config
+    from engine.store import crypto, rekey
+    from tests.conftest import ROOT, engine_env
+
+    key = base64.b64encode(b"K" * 32).decode()
+    env = engine_env(tmp_path) | {"RIS_STATUS_PORT": str(ris.port), "ENGINE_KEY": key}
+    registry = default_registry()
+    app = EngineApp(load_config(ROOT / "engine.yaml", registry, env=env), registry)
+    await app.start()
+    try:
+        order = Order()
+        await order.place(app)
+        uid = order.mpps_uid()
+        assert (await n_create(app, order.n_create(), uid)).Status == 0
+        assert (await n_set(app, order.completed(), uid)).Status == 0  # reads the sealed record back
+        performed = step(app, uid)
+        assert performed is not None and performed["dataset_json"].startswith("ek1:")
+        assert "Doe" not in performed["dataset_json"] and performed["status"] == "COMPLETED"
+        assert app.db is not None
+        counts = await asyncio.to_thread(rekey.key_counts, app.db)
+        assert counts["performed_steps.dataset_json"] == {crypto.key_id(b"K" * 32).hex(): 1}
+    finally:
+        await app.stop()
+        crypto.configure(None)
