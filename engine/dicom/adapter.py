@@ -11,6 +11,7 @@ The answer is the status element set as JSON (`engine.dicom.status`).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -21,7 +22,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from engine.dicom.mpps import MPPS_SOP_CLASS, check_create, check_set
-from engine.dicom.status import DicomRefusal, answer_for
+from engine.dicom.status import PROCESSING_FAILURE, DicomRefusal, answer_for
 from engine.errors import DATA_TYPE_ERROR, REQUIRED_FIELD_MISSING, ProcessingError, ProcessingWarning
 from engine.inputs import AdapterOptions, AnswerBuilder, Outcome, Received
 
@@ -38,17 +39,27 @@ def message_type(command: str) -> str:
 
 
 def envelope(
-    command: str, sop_class_uid: str, sop_instance_uid: str, calling_aet: str, called_aet: str, dataset: Dataset
+    command: str,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    calling_aet: str,
+    called_aet: str,
+    dataset: Dataset | None,
+    *,
+    undecodable: bytes | None = None,
 ) -> bytes:
-    """The raw unit for a DICOM request (C1)."""
-    body = {
+    """The raw unit for a DICOM request (C1). A dataset that could not be decoded is kept as its
+    bytes (`undecodable`, base64): stored as received, then refused."""
+    body: dict[str, Any] = {
         "command": command,
         "sop_class_uid": sop_class_uid,
         "sop_instance_uid": sop_instance_uid,
         "calling_aet": calling_aet,
         "called_aet": called_aet,
-        "dataset": dataset.to_json_dict(),
+        "dataset": dataset.to_json_dict() if dataset is not None else {},
     }
+    if undecodable is not None:
+        body["undecodable"] = base64.b64encode(undecodable).decode("ascii")
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
@@ -127,6 +138,8 @@ class DicomAdapter:
             raise ProcessingError("not a DICOM unit (JSON envelope expected)", DATA_TYPE_ERROR) from None
         if not isinstance(body, dict) or not isinstance(body.get("dataset", {}), dict):
             raise ProcessingError("not a DICOM unit (JSON object with a dataset expected)", DATA_TYPE_ERROR)
+        if "undecodable" in body:
+            raise DicomRefusal("the dataset could not be decoded", PROCESSING_FAILURE, "dataset")
         try:
             dataset = Dataset.from_json(body.get("dataset") or {})
         except Exception as exc:  # pydicom raises many kinds for a malformed JSON model

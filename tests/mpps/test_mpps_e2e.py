@@ -388,3 +388,21 @@ async def test_with_engine_key_the_step_record_is_sealed_and_rotated(tmp_path: P
     finally:
         await app.stop()
         crypto.configure(None)
+
+
+async def test_an_undecodable_dataset_is_stored_and_refused(
+    engine: EngineApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The modality's bytes are not a dataset (an element claims more bytes than follow): the unit
+    is still stored as received (the bytes, base64 in the envelope) and answered 0x0110."""
+    import base64
+
+    import pynetdicom.association
+
+    garbage = b"\x10\x00\x10\x00\x50\x4e\xff\x7f" + b"Doe^Jane"  # (0010,0010) PN, length 0x7fff
+    monkeypatch.setattr(pynetdicom.association, "encode", lambda *_args, **_kw: garbage)
+    status = await n_create(engine, Order().n_create(), "1.2.826.0.1.3680043.8.497.1")
+    assert status.Status == 0x0110
+    rows = stored(engine)
+    assert len(rows) == 1 and rows[0]["status"] == "error"
+    assert base64.b64decode(json.loads(rows[0]["raw"])["undecodable"]) == garbage

@@ -4,8 +4,9 @@ Thin on purpose: each request is wrapped in the C1 envelope and handed to the en
 `pacs-studies` channel) through `ServiceContext.submit`, which returns only once the unit is
 committed; the DIMSE status is read from the answer stored with it, so a resent request gets the
 first one's answer. Everything else (required attributes, the step's state, the worklist item)
-is decided in the channel. A request whose dataset cannot be decoded, or anything that raises,
-is 0x0110; nothing escapes into pynetdicom. Offered only when a channel takes MPPS.
+is decided in the channel. A request whose dataset cannot be decoded is stored with its bytes and
+refused 0x0110; so is anything that raises (nothing escapes into pynetdicom). Offered only when
+a channel takes MPPS.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class MppsService:
                 return NOT_AUTHORISED, None
             given = getattr(event.request, "AffectedSOPInstanceUID", None)
             uid = str(given) if given else generate_uid()  # the SCP assigns one when the SCU did not
-            answer = self._run(event, "N-CREATE", uid, event.attribute_list, caller)
+            answer = self._run(event, "N-CREATE", uid, caller)
             reply = None
             if not given and answer.status == 0:
                 reply = Dataset()
@@ -85,20 +86,34 @@ class MppsService:
             if not caller_allowed(event):
                 return NOT_AUTHORISED, None
             uid = str(getattr(event.request, "RequestedSOPInstanceUID", None) or "")
-            answer = self._run(event, "N-SET", uid, event.modification_list, caller)
+            answer = self._run(event, "N-SET", uid, caller)
             return _status(answer, with_attributes=True), None
         except Exception as exc:
             log.error("MPPS N-SET from %s failed: %s", caller, type(exc).__name__)
             return _failure("processing failed"), None
 
-    def _run(self, event: Event, command: str, uid: str, dataset: Dataset, caller: str) -> DicomAnswer:
+    def _run(self, event: Event, command: str, uid: str, caller: str) -> DicomAnswer:
         called = ae_title_key(str(event.assoc.acceptor.ae_title)) or self.ae_title
-        raw = envelope(command, MPPS_SOP_CLASS, uid, caller, called, dataset)  # decoding errors raise here
+        try:  # pydicom decodes lazily: a broken dataset raises while it is written out
+            dataset = event.attribute_list if command == "N-CREATE" else event.modification_list
+            raw = envelope(command, MPPS_SOP_CLASS, uid, caller, called, dataset)
+        except Exception as exc:
+            log.warning("MPPS %s from %s uid=%s: dataset not decodable (%s)", command, caller, uid, type(exc).__name__)
+            raw = envelope(command, MPPS_SOP_CLASS, uid, caller, called, None, undecodable=_request_bytes(event))
         outcome = self.submit(raw)
         answer = DicomAnswer.from_json(outcome.answer)
         log.info("MPPS %s from %s uid=%s status=0x%04X message=%s", command, caller, uid, answer.status,
                  outcome.message_id)
         return answer
+
+
+def _request_bytes(event: Event) -> bytes:
+    """The request's dataset as it came on the wire (Attribute / Modification List)."""
+    for name in ("AttributeList", "ModificationList"):
+        value = getattr(event.request, name, None)
+        if value is not None:
+            return bytes(value.getvalue()) if hasattr(value, "getvalue") else bytes(value)
+    return b""
 
 
 def register(registry: DicomServiceRegistry) -> None:
