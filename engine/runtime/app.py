@@ -12,7 +12,11 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+<<<<<<< HEAD
 from engine.fhir.adapter import FHIRAdapter
+=======
+from engine.dicom.adapter import DicomAdapter
+>>>>>>> h-mpps
 from engine.hl7.adapter import HL7Adapter
 from engine.inputs import InputAdapter
 from engine.runtime.config import ChannelSpec, LoadedConfig
@@ -31,17 +35,26 @@ log = logging.getLogger(__name__)
 # Each module registers its component(s) with `register(registry)`.
 COMPONENT_MODULES = [
     "engine.runtime.sources.mllp",
+<<<<<<< HEAD
     "engine.runtime.sources.http",
     "engine.runtime.sources.fhir_poll",
+=======
+    "engine.runtime.sources.dicom",
+>>>>>>> h-mpps
     "engine.runtime.destinations.fhir",
     "engine.runtime.destinations.file",
     "engine.runtime.destinations.mllp",
     "engine.runtime.destinations.worklist",
+    "engine.runtime.destinations.steps",
 ]
 
 
 # One adapter per input kind; each lives with its protocol (which may not import the runtime).
+<<<<<<< HEAD
 ADAPTERS: list[type[InputAdapter]] = [HL7Adapter, FHIRAdapter]
+=======
+ADAPTERS: list[type[InputAdapter]] = [HL7Adapter, DicomAdapter]
+>>>>>>> h-mpps
 
 
 def default_registry() -> Registry:
@@ -141,12 +154,15 @@ class EngineApp:
 
     def _start_scp(self) -> None:
         from engine.dicom.scp import DicomApplication, DicomTimeouts, ServiceContext
-        from engine.dicom.services import DEFAULT_SERVICES, default_registry
+        from engine.dicom.services import CHANNEL_SERVICES, DEFAULT_SERVICES, default_registry
         from engine.hl7.mllp import server_ssl_context  # plain TLS set-up, shared with MLLP
+        from engine.runtime.sources.dicom import channel_submitter
 
         d = self.config.engine.dicom
         assert self.db is not None
-        services = default_registry().build(DEFAULT_SERVICES, ServiceContext(self.db, d.model_dump()))
+        submit = channel_submitter({name: ch.source for name, ch in self.channels.items()})
+        names = DEFAULT_SERVICES + (CHANNEL_SERVICES if submit is not None else ())  # MPPS only with its channel
+        services = default_registry().build(names, ServiceContext(self.db, d.model_dump(), submit))
         tls = None
         if d.tls is not None:
             base = self.config.base_dir
