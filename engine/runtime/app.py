@@ -12,11 +12,8 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-<<<<<<< HEAD
-from engine.fhir.adapter import FHIRAdapter
-=======
 from engine.dicom.adapter import DicomAdapter
->>>>>>> h-mpps
+from engine.fhir.adapter import FHIRAdapter
 from engine.hl7.adapter import HL7Adapter
 from engine.inputs import InputAdapter
 from engine.runtime.config import ChannelSpec, LoadedConfig
@@ -35,12 +32,9 @@ log = logging.getLogger(__name__)
 # Each module registers its component(s) with `register(registry)`.
 COMPONENT_MODULES = [
     "engine.runtime.sources.mllp",
-<<<<<<< HEAD
     "engine.runtime.sources.http",
     "engine.runtime.sources.fhir_poll",
-=======
     "engine.runtime.sources.dicom",
->>>>>>> h-mpps
     "engine.runtime.destinations.fhir",
     "engine.runtime.destinations.file",
     "engine.runtime.destinations.mllp",
@@ -50,11 +44,7 @@ COMPONENT_MODULES = [
 
 
 # One adapter per input kind; each lives with its protocol (which may not import the runtime).
-<<<<<<< HEAD
-ADAPTERS: list[type[InputAdapter]] = [HL7Adapter, FHIRAdapter]
-=======
-ADAPTERS: list[type[InputAdapter]] = [HL7Adapter, DicomAdapter]
->>>>>>> h-mpps
+ADAPTERS: list[type[InputAdapter]] = [HL7Adapter, FHIRAdapter, DicomAdapter]
 
 
 def default_registry() -> Registry:

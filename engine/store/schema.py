@@ -1,7 +1,3 @@
 """Importing this module registers every table with SQLModel.metadata."""
 
-<<<<<<< HEAD
-from engine.store import audit, models, poll_state, worklist  # noqa: F401
-=======
-from engine.store import models, steps, worklist  # noqa: F401
->>>>>>> h-mpps
+from engine.store import audit, models, poll_state, steps, worklist  # noqa: F401
