@@ -88,18 +88,31 @@ def describe(exc: ValidationError, limit: int = 5) -> str:
 Check = Callable[[Any], Any]
 
 
-def shape_of(node: Any, leaves: list[Any]) -> Any:
-    """A hashable picture of everything but the primitive values, which are appended to `leaves`
-    in document order. Dicts are tuples of (key, shape) pairs, lists start with "[", a value is
-    its type; a `resourceType` keeps its value (it picks the model)."""
-    kind = type(node)
+_OPEN, _LIST, _CLOSE = object(), object(), object()  # markers in a shape (never equal to a key or a type)
+
+
+def shape_of(node: Any, tokens: list[Any], leaves: list[Any]) -> None:
+    """A picture of everything but the primitive values, as flat tokens: a dict is its keys
+    between markers, a list its items, a value its type (appended to `leaves`, in document order);
+    a `resourceType` keeps its value (it picks the model)."""
+    kind = node.__class__
     if kind is dict:
-        return tuple([(k, v if k == "resourceType" and type(v) is str else shape_of(v, leaves))
-                      for k, v in node.items()])
-    if kind is list:
-        return ("[", *[shape_of(v, leaves) for v in node])
-    leaves.append(node)
-    return kind
+        tokens.append(_OPEN)
+        for k, v in node.items():
+            tokens.append(k)
+            if k == "resourceType" and v.__class__ is str:
+                tokens.append(v)
+            else:
+                shape_of(v, tokens, leaves)
+        tokens.append(_CLOSE)
+    elif kind is list:
+        tokens.append(_LIST)
+        for v in node:
+            shape_of(v, tokens, leaves)
+        tokens.append(_CLOSE)
+    else:
+        tokens.append(kind)
+        leaves.append(node)
 
 
 class _Unknown(Exception):
@@ -115,22 +128,21 @@ class ShapeValidator:
         self._adapters: dict[Any, Check] = {}
 
     def validate(self, resource: dict[str, Any], rtype: str) -> None:
+        tokens: list[Any] = []
         leaves: list[Any] = []
-        try:
-            shape = shape_of(resource, leaves)
-        except TypeError:  # an unhashable resourceType: let the models say what is wrong
-            shape = None
-        checks = self.checks.get(shape) if shape is not None else None
+        shape_of(resource, tokens, leaves)
+        shape = tuple(tokens)  # keys, types, markers and resourceType strings: all hashable
+        checks = self.checks.get(shape)
         if checks is not None:
             try:
                 for value, check in zip(leaves, checks, strict=True):
                     if check is not None:
                         check(value)
                 return
-            except (ValidationError, ValueError, TypeError):
-                pass  # the full validation below gives the library's own error text
+            except Exception:  # noqa: BLE001 - whatever a value check raises, the models decide below
+                pass  # and the full validation gives the library's own error text
         self._full(resource, rtype)
-        if shape is not None and shape not in self.checks:
+        if shape not in self.checks:
             if len(self.checks) >= SHAPES_KEPT:
                 self.checks.clear()
             try:
@@ -171,7 +183,7 @@ class ShapeValidator:
         from fhir_core.types import FhirBase, FhirElementOrResourceBase
 
         kind = type(value)
-        if kind is dict:
+        if kind is dict:  # the same class tests as shape_of: a dict subclass is a leaf there
             if isinstance(annotation, type) and issubclass(annotation, FhirElementOrResourceBase):
                 rtype = value.get("resourceType")
                 if not isinstance(rtype, str):
@@ -193,7 +205,7 @@ class ShapeValidator:
     def _adapter(self, annotation: Any) -> Check:
         check = self._adapters.get(annotation)
         if check is None:
-            check = self._adapters[annotation] = TypeAdapter(annotation).validate_python
+            check = self._adapters[annotation] = TypeAdapter(annotation).validator.validate_python
         return check
 
 
