@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 FhirVersion = Literal["R4B", "R5"]
 
-# required bindings fhir.resources does not enforce, for the resources this engine writes
+# required bindings fhir.resources does not enforce, for the resources this engine writes or reads
 STATUS_CODES: dict[str, frozenset[str]] = {
     "DiagnosticReport": frozenset(
         {"registered", "partial", "preliminary", "final", "amended", "corrected", "appended", "cancelled",
@@ -26,6 +26,20 @@ STATUS_CODES: dict[str, frozenset[str]] = {
     ),
     "ServiceRequest": frozenset(
         {"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"}
+    ),
+    # the medication resources the engine takes in (reconciliation reads their status)
+    "MedicationRequest": frozenset(
+        {"active", "on-hold", "cancelled", "completed", "entered-in-error", "stopped", "draft", "unknown"}
+    ),
+    "MedicationDispense": frozenset(
+        {"preparation", "in-progress", "cancelled", "on-hold", "completed", "entered-in-error", "stopped",
+         "declined", "unknown"}
+    ),
+    "MedicationAdministration": frozenset(
+        {"in-progress", "not-done", "on-hold", "completed", "entered-in-error", "stopped", "unknown"}
+    ),
+    "MedicationStatement": frozenset(
+        {"active", "completed", "entered-in-error", "intended", "stopped", "on-hold", "unknown", "not-taken"}
     ),
 }
 

@@ -8,13 +8,14 @@ by the registered class's own model) and each mapping file the channels name.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.configfile import ConfigError, Problem, YamlDocument, read_yaml, validate
 from engine.inputs import AdapterOptions
@@ -80,6 +81,37 @@ class DeliveryConfig(Strict):
     stall_seconds: float = 300.0  # a claim older than this belongs to a dead process: take it back
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class HttpConfig(Strict):
+    """The one HTTP listener (FHIR in, medication lists, health, metrics) every HTTP source shares."""
+
+    enabled: bool = False  # the shipped engine.yaml turns it on; a channel with an http source needs it
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    token: str = Field("", repr=False)  # ENGINE_API_TOKEN; never echoed in an error
+    max_body_bytes: int = Field(10 * 2**20, ge=1024)  # a larger body is refused with 413 while it arrives
+    read_timeout: float = Field(30.0, gt=0)  # the whole body must arrive within this (else 408)
+    max_connections: int = Field(256, ge=1)  # connections and requests in flight; past it new ones get 503
+    audit: bool = True  # one row per request in http_audit (who, what, when, outcome; never the body)
+
+    @model_validator(mode="after")
+    def _token_or_loopback(self) -> HttpConfig:
+        if self.enabled and not self.token and not is_loopback(self.host):
+            raise ValueError(
+                f"the HTTP listener would bind {self.host} without a token: set ENGINE_API_TOKEN "
+                "(http.token) or bind a loopback address (BIND_HOST=127.0.0.1)"
+            )
+        return self
+
+
 class EngineConfig(Strict):
     storage: StorageConfig = StorageConfig()
     channels_dir: str = "channels"
@@ -89,6 +121,7 @@ class EngineConfig(Strict):
     dicom: DicomConfig = DicomConfig()
     worklist: WorklistConfig = WorklistConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    http: HttpConfig = HttpConfig()
 
 
 class FilterConfig(Strict):
@@ -192,6 +225,12 @@ def load_config(
         taken: dict[str, str] = {}
         if engine_cfg.dicom.enabled and engine_cfg.dicom.port:
             listening[(engine_cfg.dicom.host, engine_cfg.dicom.port)] = "the DICOM listener (engine.yaml dicom.port)"
+        if engine_cfg.http.enabled and engine_cfg.http.port:  # one listener, shared by every http source
+            where = (engine_cfg.http.host, engine_cfg.http.port)
+            if where in listening:
+                problems.append(Problem(_rel(path, base), 1, 1, "http.port",
+                                        f"port {where[1]} is also used by {listening[where]}"))
+            listening[where] = "the HTTP listener (engine.yaml http.port)"
         for file in sorted(channels_dir.glob("*.y*ml")):
             spec, found = _load_channel(file, base, engine_cfg, registry, env, load_mappings)
             problems += found
@@ -202,6 +241,10 @@ def load_config(
                 other = seen[spec.config.name]
                 problems.append(chdoc.problem(("name",), f"channel name {spec.config.name!r} is also used by {other}"))
             seen[spec.config.name] = _rel(file, base)
+            shared = getattr(registry.sources.get(spec.source.type), "uses_http_app", False)
+            if spec.config.enabled and shared and not engine_cfg.http.enabled:
+                problems.append(chdoc.problem(("source", "type"), "the http source needs the HTTP listener: "
+                                              "set http.enabled: true in engine.yaml"))
             if spec.config.enabled:
                 problems += _one_channel_only(spec, registry, taken)
                 for ep in spec.source.endpoints():
