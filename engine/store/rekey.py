@@ -17,6 +17,8 @@ from sqlalchemy import Engine, Table, and_, case, func, literal, not_, or_, sele
 
 from engine.store import crypto, medrec
 from engine.store.models import Delivery, Message
+from engine.store.steps import DATASET as STEPS_DATASET
+from engine.store.steps import PerformedStep
 from engine.store.worklist import WorklistItem
 
 
@@ -39,6 +41,7 @@ COLUMNS = (
     SealedColumn(medrec.MedrecSource.__table__, "data", medrec.SOURCE_DATA, True),  # type: ignore[attr-defined]  # (same)
     SealedColumn(medrec.MedrecSourceVersion.__table__, "data", medrec.VERSION_DATA, True),  # type: ignore[attr-defined]  # (same)
     SealedColumn(medrec.MedrecRecord.__table__, "data", medrec.RECORD_DATA, True),  # type: ignore[attr-defined]  # (same)
+    SealedColumn(PerformedStep.__table__, "dataset_json", STEPS_DATASET, True),  # type: ignore[attr-defined]  # (same)
 )
 
 
