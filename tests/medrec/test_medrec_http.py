@@ -244,3 +244,87 @@ def test_bad_medrec_settings_are_config_errors_citing_the_file(tmp_path: Path) -
     problems = [str(p) for p in info.value.problems]
     assert any(p.startswith("channels/meds.yaml:") and "unknown time zone" in p for p in problems), problems
     assert any("appears twice in the hierarchy" in p for p in problems), problems
+
+
+class CapturingEMR:
+    """A minimal FHIR endpoint on a real socket that records each transaction it is sent and
+    answers 200 (sekmet, the test EMR, has no List?identifier search for the conditional update)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server hook name
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                body = json.dumps({"resourceType": "Bundle", "type": "transaction-response", "entry": [
+                    {"response": {"status": "200 OK", "location": "List/1/_history/1"}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/fhir+json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/fhir"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def test_changed_lists_are_pushed_to_the_emr(tmp_path: Path) -> None:
+    import asyncio
+
+    emr = CapturingEMR()
+    try:
+        channel = CHANNEL.replace("type: medrec,", "type: medrec, push: emr,") + (
+            f"  - {{name: emr, type: fhir, base_url: '{emr.base_url}'}}\n")
+        config = write_config(tmp_path)
+        (tmp_path / "channels" / "meds.yaml").write_text(channel)
+        (tmp_path / "engine.yaml").write_text((tmp_path / "engine.yaml").read_text()
+                                              + "delivery:\n  poll_interval_seconds: 0.05\n")
+        reg = default_registry()
+        app = EngineApp(load_config(config, reg, env={}), reg)
+        await app.start()
+
+        async def pushed(n: int) -> list[dict[str, Any]]:
+            for _ in range(600):
+                if len(emr.received) >= n:
+                    break
+                await asyncio.sleep(0.05)
+            return [e["resource"] for bundle in emr.received for e in bundle["entry"]]
+
+        try:
+            assert app.http is not None
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http.port}", timeout=60) as client:
+                b = bundle(request("r1", "completed", ago(30)), dispense("d1", ago(20)))
+                assert (await post(client, b)).status_code in (200, 201)
+                (first,) = await pushed(1)
+                entry = emr.received[0]["entry"][0]
+                assert entry["request"]["method"] == "PUT"
+                ident = "urn%3Ax-engine%3Amedication-list%7Cmeds%3APatient%2Fp1"  # conditional update by identifier
+                assert entry["request"]["url"] == f"List?identifier={ident}"
+                assert first["code"]["coding"][0]["code"] == "10160-0"
+                assert [d["reference"] for d in first["contained"][0]["derivedFrom"]] == [
+                    "MedicationDispense/d1", "MedicationRequest/r1"]
+                # a resource that leaves the list as it was (a dispense outside the window) pushes nothing;
+                # a request entered in error changes it: pushed again
+                old = dispense("old", ago(300))
+                assert (await post(client, old)).status_code in (200, 201)
+                stopped = request("r1", "entered-in-error", ago(30))
+                assert (await post(client, stopped)).status_code in (200, 201)
+                lists = await pushed(2)
+                assert len(lists) == 2
+                assert lists[1]["contained"][0]["derivedFrom"] == [{"reference": "MedicationDispense/d1"}]
+        finally:
+            await app.stop()
+    finally:
+        emr.stop()

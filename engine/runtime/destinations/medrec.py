@@ -14,6 +14,9 @@ Channel YAML (every key optional):
       fallbacks: []                    # whenPrepared (dispense), dateAsserted (statement)
       list_name: ""                    # whose lists these sources join: "" = this channel's; a polling
                                        # channel names the pushing one, so a patient has one list
+      push: ""                         # a queued `fhir` destination of the channel: each list that
+                                       # changed is written to the EMR (conditional update by identifier)
+      push_identifier_system: urn:x-engine:medication-list
 
 `apply` reads `ctx.view.resource` (a medication resource, or a transaction Bundle whose
 Medication entries resolve the others' `medicationReference`), stores each source, and recomputes
@@ -23,6 +26,7 @@ malformed date) refuses the whole unit, naming the element.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, time, timedelta
@@ -37,7 +41,7 @@ from engine.medrec.dates import zone
 from engine.medrec.reconcile import MedRecord, Reconciliation, reconcile
 from engine.medrec.rules import DEFAULT_HIERARCHY, DEFAULT_SYSTEMS, Rules
 from engine.medrec.sources import MEDICATION_TYPES, MedSource, SourceError, extract_all, patient_key
-from engine.runtime.destinations.base import RAW, DestinationConfig, LocalDestination, MessageContext
+from engine.runtime.destinations.base import RAW, DestinationConfig, Emitted, LocalDestination, MessageContext
 from engine.runtime.registry import Registry
 from engine.store import medrec as store
 
@@ -57,6 +61,8 @@ class MedrecDestinationConfig(DestinationConfig):
     text_merge: bool = False
     fallbacks: list[Literal["whenPrepared", "dateAsserted"]] = []
     list_name: str = ""
+    push: str = ""
+    push_identifier_system: str = "urn:x-engine:medication-list"
 
     @field_validator("timezone")
     @classmethod
@@ -85,6 +91,11 @@ class MedrecDestination(LocalDestination):
     @classmethod
     def takes(cls, config: DestinationConfig) -> frozenset[str]:
         return frozenset({RAW})  # the adapter's view of the received resource, no mapping
+
+    @classmethod
+    def emits(cls, config: DestinationConfig) -> list[str]:
+        assert isinstance(config, MedrecDestinationConfig)
+        return [config.push] if config.push else []
 
     def __init__(self, config: DestinationConfig, *, base_dir: Any = None) -> None:
         super().__init__(config, base_dir=base_dir)
@@ -124,7 +135,7 @@ class MedrecDestination(LocalDestination):
 
     # -- the write side ----------------------------------------------------------------------------
 
-    def apply(self, conn: Connection, ctx: MessageContext, outputs: list[Any]) -> None:
+    def apply(self, conn: Connection, ctx: MessageContext, outputs: list[Any]) -> list[Emitted] | None:
         resource = getattr(ctx.view, "resource", ctx.view)
         if not isinstance(resource, dict):
             raise ProcessingError("the medrec destination needs a FHIR resource (input type fhir)")
@@ -135,7 +146,7 @@ class MedrecDestination(LocalDestination):
                 DATA_TYPE_ERROR)
             raise ProcessingError(exc.text, code, exc.location) from None
         if not sources:
-            return  # a Patient or a Medication on its own: stored as received, nothing to reconcile
+            return None  # a Patient or a Medication on its own: stored as received, nothing to reconcile
         rows = [store.SourceRow(s.resource_type, s.id, s.patient, s.status, s.as_dict(), s.last_updated)
                 for s in sources]
         received = ctx.received_at.astimezone(UTC).isoformat(timespec="microseconds")
@@ -143,23 +154,45 @@ class MedrecDestination(LocalDestination):
         touched, current = store.save_sources(conn, name, rows, message_id=ctx.message_id, received_at=received)
         rules = self.rules
         today = rules.today()
-        for patient in touched:
+        emitted = []
+        for patient in sorted(touched):
             data = current.get(patient)
             if data is None:
                 data = store.load_sources(conn, name, patient)
             result = reconcile(patient, [MedSource.from_dict(d) for d in data], rules, today)
-            self._save(conn, name, result)
+            if self._save(conn, name, result) and self.config.push:
+                emitted.append(self._push(name, result))
         log.debug("medrec: %d source(s), %d patient(s) recomputed (message %s)", len(rows), len(touched),
                   ctx.control_id)
+        return emitted
 
-    @staticmethod
-    def _save(conn: Connection, channel: str, result: Reconciliation) -> None:
+    def _save(self, conn: Connection, channel: str, result: Reconciliation) -> bool:
+        """Store the patient's records; True when they differ from the stored ones (asked only
+        when lists are pushed: it costs a read)."""
         seen: dict[str, int] = {}
         records = []
         for record in result.records:
             n = seen[record.key] = seen.get(record.key, 0) + 1
             records.append((record.key if n == 1 else f"{record.key}#{n}", record.as_dict()))
+        changed = True
+        if self.config.push:
+            day, before = store.load_records(conn, channel, result.patient)
+            changed = day != result.day.isoformat() or before != [data for _, data in records]
         store.replace_records(conn, channel, result.patient, records, result.day.isoformat())
+        return changed
+
+    def _push(self, channel: str, result: Reconciliation) -> Emitted:
+        """The list as one conditional write for the fhir destination (its plan format)."""
+        from engine.fhir.resources import Plan, Planned
+        from engine.medrec.fhir_list import build_list
+        from engine.runtime.destinations.fhir import PLAN_TYPE
+
+        lst = build_list(result, validate=False)
+        ident = {"system": self.config.push_identifier_system, "value": f"{channel}:{result.patient}"}
+        lst["identifier"] = [ident]
+        plan = Plan([Planned(lst, f"{ident['system']}|{ident['value']}")])
+        body = json.dumps(plan.to_json(), ensure_ascii=False, separators=(",", ":")).encode()
+        return Emitted(self.config.push, body, f"medlist:{result.patient}", PLAN_TYPE)
 
     # -- the read side -----------------------------------------------------------------------------
 
