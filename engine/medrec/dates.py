@@ -41,6 +41,12 @@ def zone(name: str) -> tzinfo:
 
 
 def parse_fhir_date(text: str, tz: tzinfo) -> FhirInstant:
+    if (isinstance(text, str) and len(text) == 10 and text[4] == "-" and text[7] == "-" and text[:4].isdigit()
+            and text[5:7].isdigit() and text[8:].isdigit()):
+        try:  # the common YYYY-MM-DD, without the regular expression
+            return FhirInstant(date(int(text[:4]), int(text[5:7]), int(text[8:])), None)
+        except ValueError:
+            pass  # 2024-02-30, or not digits: the full check below says which
     match = _DATE_RE.match(text.strip()) if isinstance(text, str) else None
     if match is None:
         raise BadDate("not a FHIR date or dateTime")

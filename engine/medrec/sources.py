@@ -175,12 +175,12 @@ def extract(
     return source
 
 
-# -- the parts ----------------------------------------------------------------------------------
+# -- the parts (parsed JSON: dicts and lists, so `isinstance(x, dict)`, several times cheaper than Mapping)
 
 def _get(resource: Mapping[str, Any], dotted: str) -> Any:
     value: Any = resource
     for part in dotted.split("."):
-        if not isinstance(value, Mapping):
+        if not isinstance(value, dict):
             return None
         value = value.get(part)
     return value
@@ -189,24 +189,24 @@ def _get(resource: Mapping[str, Any], dotted: str) -> Any:
 def _patient(resource: Mapping[str, Any], rtype: str, patients: Mapping[str, str]) -> str:
     element = "subject" if "subject" in resource else "patient"  # DSTU2/STU3 spelled it `patient`
     subject = resource.get(element)
-    if isinstance(subject, Mapping):
+    if isinstance(subject, dict):
         ref = subject.get("reference")
         if isinstance(ref, str) and ref.strip():
             return patients.get(ref.strip()) or patient_key(ref)
         ident = subject.get("identifier")
-        if isinstance(ident, Mapping) and ident.get("value"):
+        if isinstance(ident, dict) and ident.get("value"):
             return f"identifier:{ident.get('system') or ''}|{ident['value']}"
     raise SourceError("no patient: a medication list belongs to one", f"{rtype}.subject")
 
 
 def _concept(concept: Any) -> tuple[list[tuple[str, str]], str, str]:
     """(codes, text, first display) of a CodeableConcept."""
-    if not isinstance(concept, Mapping):
+    if not isinstance(concept, dict):
         return [], "", ""
     codes: list[tuple[str, str]] = []
     display = ""
     for coding in concept.get("coding") or []:
-        if not isinstance(coding, Mapping):
+        if not isinstance(coding, dict):
             continue
         system, code = str(coding.get("system") or "").strip(), str(coding.get("code") or "").strip()
         if code:
@@ -220,10 +220,10 @@ def _medication(source: MedSource, resource: Mapping[str, Any], medications: Map
     concept = resource.get("medicationCodeableConcept")
     reference = resource.get("medicationReference")
     r5 = resource.get("medication")  # R5 CodeableReference {concept, reference}
-    if isinstance(r5, Mapping):
+    if isinstance(r5, dict):
         concept = concept or r5.get("concept")
         reference = reference or r5.get("reference")
-    if concept is None and isinstance(reference, Mapping):
+    if concept is None and isinstance(reference, dict):
         ref = str(reference.get("reference") or "").strip()
         medication = _resolve(ref, resource, medications)
         if medication is not None:
@@ -261,7 +261,7 @@ def _resolve(ref: str, resource: Mapping[str, Any], medications: Mapping[str, di
 def _last_updated(resource: Mapping[str, Any]) -> str:
     """meta.lastUpdated as UTC text, so that an older version arriving late can be recognised."""
     meta = resource.get("meta")
-    value = meta.get("lastUpdated") if isinstance(meta, Mapping) else None
+    value = meta.get("lastUpdated") if isinstance(meta, dict) else None
     if not isinstance(value, str) or not value:
         return ""
     try:
@@ -274,12 +274,12 @@ def _last_updated(resource: Mapping[str, Any]) -> str:
 def _dose(resource: Mapping[str, Any], rtype: str) -> str:
     if rtype == "MedicationAdministration":
         dosage = resource.get("dosage")
-        items = [dosage] if isinstance(dosage, Mapping) else []
+        items = [dosage] if isinstance(dosage, dict) else []
     elif rtype == "MedicationStatement":
         items = resource.get("dosage") or []
     else:
         items = resource.get("dosageInstruction") or []
     for item in items:
-        if isinstance(item, Mapping) and item.get("text"):
+        if isinstance(item, dict) and item.get("text"):
             return str(item["text"]).strip()
     return ""

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pydantic_core
 from sqlalchemy import Index, Text, UniqueConstraint
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, SQLModel
@@ -108,7 +109,9 @@ class SourceRow:
 
 
 def _dumps(data: Any) -> str:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    """Compact JSON, keys in the order given (callers build their dicts in a fixed order, so equal
+    data gives equal text: that is how an unchanged resend is recognised)."""
+    return pydantic_core.to_json(data).decode()
 
 
 def _chunks(items: Sequence[Any], size: int = 400) -> Iterable[Sequence[Any]]:

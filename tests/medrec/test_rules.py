@@ -290,3 +290,27 @@ def test_every_record_shape_makes_a_valid_list() -> None:
     assert shapes["MedicationDispense/d"]["status"] == "unknown"  # not a MedicationStatement status
     assert shapes["MedicationDispense/d"]["dosage"] == [{"text": "1 daily"}]
     assert shapes["MedicationRequest/coded"]["status"] == "stopped"
+
+
+@pytest.mark.parametrize("text", ["2026-13-01", "2026-02-30", "2026-+1-01", "26-01-01", "2026-01-01T25:00:00Z",
+                                  "yesterday", "2026-01-01 10:00:00"])
+def test_malformed_dates_are_refused(text: str) -> None:
+    from engine.medrec.dates import BadDate, parse_fhir_date
+    from engine.medrec.rules import Rules
+
+    with pytest.raises(BadDate):
+        parse_fhir_date(text, Rules().tz)
+
+
+def test_date_forms() -> None:
+    from zoneinfo import ZoneInfo
+
+    from engine.medrec.dates import parse_fhir_date
+
+    ny = ZoneInfo("America/New_York")
+    assert parse_fhir_date("2026-06-15", ny).day == date(2026, 6, 15)
+    assert parse_fhir_date("2026-06", ny).day == date(2026, 6, 1)
+    assert parse_fhir_date("2026", ny).day == date(2026, 1, 1)
+    assert parse_fhir_date("2026-06-15T02:00:00Z", ny).day == date(2026, 6, 14)
+    assert parse_fhir_date("2026-06-15T02:00:00.123+00:00", ny).day == date(2026, 6, 14)
+    assert parse_fhir_date("2026-06-15T02:00:00", ny).day == date(2026, 6, 15)  # no offset: local time
