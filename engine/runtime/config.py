@@ -306,6 +306,10 @@ def _load_channel(
             continue
         dest = _component(doc, ("destinations", i), block, registry, "destination", problems)
         if dest is not None:
+            # files a destination reads at start (a code table) are checked here, so `engine check` says so
+            check = getattr(registry.destinations[dest.type], "check_files", None)
+            for text in check(dest, base) if check is not None else []:
+                problems.append(doc.problem(("destinations", i), text))
             if dest.name in names:
                 problems.append(doc.problem(("destinations", i, "name"), f"destination name {dest.name!r} repeats"))
             names.add(dest.name)

@@ -244,6 +244,12 @@ def test_bad_medrec_settings_are_config_errors_citing_the_file(tmp_path: Path) -
     problems = [str(p) for p in info.value.problems]
     assert any(p.startswith("channels/meds.yaml:") and "unknown time zone" in p for p in problems), problems
     assert any("appears twice in the hierarchy" in p for p in problems), problems
+    (tmp_path / "channels" / "meds.yaml").write_text(CHANNEL.replace(
+        str(ROOT / "mappings" / "tables" / "medication_groups.csv"), "mappings/tables/nope.csv"))
+    with pytest.raises(ConfigError) as info:
+        load_config(config, default_registry(), env={})
+    assert [str(p) for p in info.value.problems] == [
+        "channels/meds.yaml:6:5 destinations.0: table: cannot read table nope.csv: No such file or directory"]
 
 
 class CapturingEMR:

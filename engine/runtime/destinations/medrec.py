@@ -101,8 +101,20 @@ class MedrecDestination(LocalDestination):
         super().__init__(config, base_dir=base_dir)
         self._rules: Rules | None = None
 
+    @classmethod
+    def check_files(cls, config: DestinationConfig, base_dir: Path) -> list[str]:
+        """Problems with the code table, found at load (`engine check`) rather than at start."""
+        assert isinstance(config, MedrecDestinationConfig)
+        from engine.mapping.tables import TableError
+
+        try:
+            cls._load_table(config, base_dir)
+        except TableError as exc:
+            return [f"table: {exc}"]
+        return []
+
     async def start(self) -> None:
-        self.rules  # noqa: B018 - the code table is read (and refused when unreadable) at start
+        self.rules  # noqa: B018 - the code table is read at start
 
     @property
     def rules(self) -> Rules:
@@ -120,13 +132,17 @@ class MedrecDestination(LocalDestination):
         return self._rules
 
     def _groups(self) -> Mapping[str, str]:
-        if not self.config.table:
+        return self._load_table(self.config, self.base_dir)
+
+    @staticmethod
+    def _load_table(config: MedrecDestinationConfig, base_dir: Any) -> Mapping[str, str]:
+        if not config.table:
             return {}
         from engine.mapping.tables import load_csv_table
 
-        path = Path(self.config.table)
-        if not path.is_absolute() and self.base_dir is not None:
-            path = Path(self.base_dir) / path
+        path = Path(config.table)
+        if not path.is_absolute() and base_dir is not None:
+            path = Path(base_dir) / path
         return {k: str(v) for k, v in load_csv_table(path).entries.items()}
 
     def list_of(self, channel: str) -> str:
