@@ -808,10 +808,12 @@ def medrec_cmd(
             day = date.fromisoformat(as_of)
         except ValueError:
             raise typer.BadParameter("expected a date like 2026-11-25", param_hint="--as-of") from None
+    from engine.store.db import make_read_engine
+
     db, loaded = _db(_config_path(ctx, config))
     name, dest = _medrec_destination(loaded, channel)
     key = patient_param(patient)
-    with db.connect() as conn:
+    with make_read_engine(db).connect() as conn:  # a snapshot: never waits for a running engine's writer
         result = dest.reconciliation(conn, name, key, day, explain=explain)
     if as_json:
         out: dict[str, Any] = {"patient": key, "day": result.day.isoformat(),
