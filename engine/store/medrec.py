@@ -147,6 +147,12 @@ def save_sources(
     cur = _cursor(conn)
     try:
         patients = {r.patient_key for r in latest.values()}
+        if conn.dialect.name == "postgresql":
+            # several engine processes on one database: one unit at a time per patient list, so
+            # that two never recompute (delete and insert) the same records side by side; taken
+            # in a fixed order, released at commit. SQLite has one writer already.
+            for patient in sorted(patients):
+                cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"medrec|{channel}|{patient}",))
         current: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
         # key -> (row id, patient, data json, version time)
         stored: dict[tuple[str, str], tuple[int, str, str, str]] = {}

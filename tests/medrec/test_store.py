@@ -184,3 +184,36 @@ def test_a_second_channel_can_feed_the_same_lists(db: Any, dest: MedrecDestinati
     assert [s["id"] for s in record.sources] == ["d1", "r1"]
     with db.connect() as conn:
         assert poll.reconciliation(conn, "emr-medications-poll", PATIENT).records == [record]
+
+
+def test_two_writers_on_one_patient_take_turns(db: Any, dest: MedrecDestination, db_url: str) -> None:
+    """Two engine processes on one PostgreSQL store: a unit for a patient waits for the other's commit
+    (SQLite has one writer, so the second simply queues on the write lock)."""
+    import threading
+
+    first = db.connect()
+    tx = first.begin()
+    ctx = MessageContext(CHANNEL, b"", View(request("r1", "completed", today_ago(30))), "MedicationRequest", "c1", "",
+                         datetime.now(UTC))
+    dest.apply(first, ctx, [])
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            post(db, dest, dispense("d1", today_ago(20)))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    other = threading.Thread(target=second)
+    other.start()
+    assert not done.wait(1.0)  # it waits for the first transaction
+    tx.commit()
+    first.close()
+    assert done.wait(60)
+    other.join(60)
+    assert errors == []
+    (record,) = the_list(db, dest).records
+    assert [s["id"] for s in record.sources] == ["d1", "r1"]
