@@ -66,6 +66,8 @@ class DeliveryOutcome:
     response: str = ""
     error: str = ""
     retry_after: float | None = None  # seconds the remote asked us to wait (HTTP Retry-After): a floor on the back-off
+    # not ready yet (the PACS still lacks images): pending again in retry_after seconds, no attempt spent
+    defer: bool = False
 
 
 # What a destination can take: the received bytes as they came (of any input kind, or of one:
