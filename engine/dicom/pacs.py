@@ -30,6 +30,7 @@ __all__ = [
     "QidoPacs",
     "SeriesInfo",
     "StudyInfo",
+    "find_query",
     "make_pacs",
     "study_dataset",
 ]
@@ -196,7 +197,8 @@ def study_dataset(study: StudyInfo) -> Dataset:
     return ds
 
 
-def _query(level: str, keys: tuple[str, ...], **match: str) -> Dataset:
+def find_query(level: str, keys: tuple[str, ...], **match: str) -> Dataset:
+    """A C-FIND identifier: every key asked for (empty: return it), the matching keys set."""
     ds = Dataset()
     ds.QueryRetrieveLevel = level
     for keyword in keys:
@@ -254,13 +256,13 @@ class CFindPacs:
     def _study(self, study_uid: str) -> StudyInfo | None:
         assoc = self._associate()
         try:
-            found = self._find(assoc, _query("STUDY", STUDY_KEYS, StudyInstanceUID=study_uid))
+            found = self._find(assoc, find_query("STUDY", STUDY_KEYS, StudyInstanceUID=study_uid))
             if not found:
                 return None
             study = study_from(found[0])
-            for ds in self._find(assoc, _query("SERIES", SERIES_KEYS, StudyInstanceUID=study_uid)):
+            for ds in self._find(assoc, find_query("SERIES", SERIES_KEYS, StudyInstanceUID=study_uid)):
                 series = series_from(ds)
-                query = _query("IMAGE", INSTANCE_KEYS, StudyInstanceUID=study_uid,
+                query = find_query("IMAGE", INSTANCE_KEYS, StudyInstanceUID=study_uid,
                                SeriesInstanceUID=series.SeriesInstanceUID)
                 series.instances = [instance_from(i) for i in self._find(assoc, query)]
                 study.series.append(series)
@@ -272,7 +274,7 @@ class CFindPacs:
         assoc = self._associate()
         try:
             span = f"{start:%Y%m%d}-{end:%Y%m%d}"
-            return [study_from(ds) for ds in self._find(assoc, _query("STUDY", STUDY_KEYS, StudyDate=span))]
+            return [study_from(ds) for ds in self._find(assoc, find_query("STUDY", STUDY_KEYS, StudyDate=span))]
         finally:
             assoc.release()
 

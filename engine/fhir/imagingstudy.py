@@ -153,9 +153,11 @@ def _series(s: SeriesData, tz: ZoneInfo, warnings: list[str]) -> dict[str, Any]:
 
 
 def endpoint(url: str) -> dict[str, Any]:
-    """The PACS's WADO-RS base as an Endpoint (found again by its address, so written once)."""
+    """The PACS's WADO-RS base as an Endpoint, contained in the ImagingStudy: a shared Endpoint written
+    by every delivery would race itself into duplicates (and then every conditional update is a 412)."""
     return {
         "resourceType": "Endpoint",
+        "id": "wadors",
         "identifier": [{"system": URI_SYSTEM, "value": url}],
         "status": "active",
         "connectionType": _coding("http://terminology.hl7.org/CodeSystem/endpoint-connection-type", "dicom-wado-rs"),
@@ -168,7 +170,7 @@ def endpoint(url: str) -> dict[str, Any]:
 def build_imaging_study(
     study: StudyData, *, tz: ZoneInfo, wadors_url: str = ""
 ) -> tuple[list[dict[str, Any]], dict[str, Any], list[str]]:
-    """(resources in write order: [Endpoint,] ImagingStudy; the Patient for `patient: create`; warnings)."""
+    """([the ImagingStudy], the Patient for `patient: create`, warnings)."""
     warnings: list[str] = []
     identifiers: list[dict[str, Any]] = [{"system": UID_SYSTEM, "value": f"urn:oid:{study.uid}"}]
     if study.accession:
@@ -189,10 +191,9 @@ def build_imaging_study(
         resource["basedOn"] = [{"type": "ServiceRequest", "identifier": {"system": order[0], "value": order[1]}}]
     if pn_text(study.referrer):
         resource["referrer"] = {"display": pn_text(study.referrer)}
-    resources: list[dict[str, Any]] = []
     if wadors_url:
-        resources.append(endpoint(wadors_url))
-        resource["endpoint"] = [{"reference": f"Endpoint?identifier={URI_SYSTEM}|{wadors_url}"}]
+        resource["contained"] = [endpoint(wadors_url)]
+        resource["endpoint"] = [{"reference": "#wadors"}]
     series = [_series(s, tz, warnings) for s in study.series]
     resource["numberOfSeries"] = len(series)
     resource["numberOfInstances"] = sum(s["numberOfInstances"] for s in series)
@@ -207,8 +208,7 @@ def build_imaging_study(
         resource["description"] = study.description
     if series:
         resource["series"] = series
-    resources.append(resource)
     patient: dict[str, Any] = {"resourceType": "Patient", "identifier": [subject["identifier"]]}
     if pn_text(study.patient_name):
         patient["name"] = [human_name(study.patient_name)]
-    return resources, patient, warnings
+    return [resource], patient, warnings

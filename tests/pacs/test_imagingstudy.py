@@ -161,9 +161,9 @@ async def test_series_added_later_updates_counts(tmp_path: Path, orthanc: Any, e
     assert after["id"] == before["id"]
     assert after["numberOfSeries"] == 2 and after["numberOfInstances"] == 5
     assert sorted(s["modality"]["code"] for s in after["series"]) == ["CT", "MR"]
-    [endpoint] = emr.search("Endpoint", identifier=f"urn:ietf:rfc:3986|{wado}")
+    [endpoint] = after["contained"]
     assert endpoint["address"] == wado and endpoint["connectionType"]["code"] == "dicom-wado-rs"
-    assert after["endpoint"] == [{"reference": f"Endpoint/{endpoint['id']}"}]
+    assert after["endpoint"] == [{"reference": "#wadors"}]
 
 
 async def test_qido_and_cfind_give_the_same_imagingstudy(tmp_path: Path, orthanc: Any, emr: Any,
