@@ -1,6 +1,6 @@
 """Studies benchmark: ImagingStudy from the PACS, for C-FIND and for QIDO-RS.
 
-    python benchmarks/studies.py [--studies 20] [--series 4] [--instances 50]
+    python benchmarks/studies.py [--studies 10] [--series 4] [--instances 50]
 
 A real Orthanc (DICOMweb plugin) is started on free ports and loaded over its REST API with N
 studies of S series x I instances (copies of pydicom's CT_small.dcm); sekmet plays the EMR.
@@ -175,7 +175,7 @@ async def deliver_phase(tmp: Path, orthanc: Any, emr: Any, plans: list[Any], qid
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--studies", type=int, default=20)
+    ap.add_argument("--studies", type=int, default=10)
     ap.add_argument("--series", type=int, default=4)
     ap.add_argument("--instances", type=int, default=50)
     args = ap.parse_args()
