@@ -249,3 +249,27 @@ async def test_poll_finds_a_study_without_mpps(tmp_path: Path, orthanc: Any, emr
     assert r.state == DeliveryState.DONE, r.last_error
     [found] = studies_on(emr, study.uid)
     assert found["numberOfInstances"] == 5 and "basedOn" in found  # by accession: no order numbers from a poll
+
+
+async def test_the_accessions_report_references_the_study(tmp_path: Path, orthanc: Any, emr: Any,
+                                                          kit: ModuleType) -> None:
+    import httpx
+
+    study = new_study(kit)
+    orthanc.store_all(study.datasets())
+    report = {"resourceType": "DiagnosticReport", "status": "final", "code": {"text": "CT chest"},
+              "identifier": [{"system": SYSTEMS["accession"], "value": study.accession}],
+              "subject": {"identifier": {"system": SYSTEMS["mrn"], "value": study.patient_id}}}
+    put = httpx.put(f"{emr.base_url}/DiagnosticReport", params={"identifier": f"{SYSTEMS['accession']}|"
+                                                                              f"{study.accession}"},
+                    json=report, headers={"Content-Type": "application/fhir+json"}, timeout=30)
+    assert put.status_code in (200, 201), put.text
+    async with draining(tmp_path, destination(orthanc, emr)) as db:
+        r = await until(db, enqueue(db, study.payload()), done)
+        assert r.state == DeliveryState.DONE, r.last_error
+        again = await until(db, enqueue(db, study.payload()), done)  # linked once, not twice
+    assert again.state == DeliveryState.DONE, again.last_error
+    [img] = studies_on(emr, study.uid)
+    [linked] = emr.search("DiagnosticReport", identifier=f"{SYSTEMS['accession']}|{study.accession}")
+    assert linked["imagingStudy"] == [{"reference": f"ImagingStudy/{img['id']}"}]
+    assert linked["status"] == "final" and linked["code"] == {"text": "CT chest"}  # the rest left as it was

@@ -7,7 +7,8 @@ while an instance the MPPS listed is missing the delivery is *deferred* (pending
 `defer_seconds`, no attempt spent) until `wait_minutes` after it was queued; then the study is built
 from what is there and the shortfall is recorded on the delivery as a warning. The write is a
 conditional update on `urn:dicom:uid|urn:oid:<StudyInstanceUID>`, through the FHIR destination's
-writer, so the same study again updates and a series added later updates the counts.
+writer, so the same study again updates and a series added later updates the counts. Then the
+accession's DiagnosticReport, when the EMR has one, is given `imagingStudy` -> this study.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
+from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -24,7 +26,7 @@ from pydicom.dataset import Dataset
 
 from engine.dicom.pacs import Pacs, PacsError, StudyInfo, make_pacs
 from engine.errors import REQUIRED_FIELD_MISSING, ProcessingError
-from engine.fhir.client import Auth, AuthConfig
+from engine.fhir.client import FHIR_JSON, Auth, AuthConfig, AuthError, judge
 from engine.fhir.imagingstudy import InstanceData, SeriesData, StudyData, build_imaging_study
 from engine.fhir.models import FHIRValidationError, FhirVersion, validate_resource
 from engine.fhir.resources import PatientMode, Plan, plan_resources
@@ -72,6 +74,7 @@ class ImagingStudyConfig(DestinationConfig):
     wadors_url: str = ""  # the PACS's WADO-RS base: ImagingStudy.endpoint
     timezone: str = "UTC"  # of DICOM dates and times (StudyDate/StudyTime carry no zone)
     from_found: bool = True  # a poll's FOUND unit becomes a study payload here
+    link_report: bool = True  # the accession's DiagnosticReport on the EMR gets imagingStudy -> this study
 
 
 class ImagingStudyDestination(QueuedDestination):
@@ -144,6 +147,10 @@ class ImagingStudyDestination(QueuedDestination):
         except ProcessingError as exc:
             return DeliveryOutcome(ok=False, error=str(exc))
         result = await self.writer.write(plan)
+        if result.ok and self.config.link_report:
+            linked = await self._link_report(plan)
+            if linked is not None:
+                return linked
         if notes:
             warning += "warning: " + "; ".join(notes)[:1000] + "; "
         if warning and result.ok:
@@ -151,6 +158,48 @@ class ImagingStudyDestination(QueuedDestination):
                         payload.meta.get("channel", ""), self.name, payload.meta.get("message_id", ""), uid)
         return DeliveryOutcome(ok=result.ok, retry=result.retry, response=warning + result.response,
                                error=result.error, retry_after=result.retry_after)
+
+    async def _link_report(self, plan: Plan) -> DeliveryOutcome | None:
+        """DiagnosticReport.imagingStudy of the accession's report(s) -> the study just written.
+
+        A report written after the study (ORU after the images) replaces the link with its own PUT;
+        the next write of the study (another series, the poll) puts it back."""
+        assert self.client is not None
+        study = plan.entries[-1]
+        accession = next((i for i in study.resource.get("identifier") or []
+                          if (i.get("type") or {}).get("coding", [{}])[0].get("code") == "ACSN"), None)
+        if accession is None:
+            return None
+        base = self.config.base_url.rstrip("/")
+        try:
+            headers = {"Accept": FHIR_JSON, **(await self.auth.headers(self.client))}
+            found = judge(await self.client.get(f"{base}/{study.search}", headers=headers))
+            ids = [e["resource"]["id"] for e in (found.body or {}).get("entry") or [] if found.ok]
+            if len(ids) != 1:
+                return None
+            ref = f"ImagingStudy/{ids[0]}"
+            key = quote(f"{accession.get('system', '')}|{accession['value']}", safe="")
+            ans = judge(await self.client.get(f"{base}/DiagnosticReport?identifier={key}", headers=headers))
+            if not ans.ok:
+                return DeliveryOutcome(ok=False, retry=ans.retry, error=f"HTTP {ans.status} on DiagnosticReport search")
+            for entry in (ans.body or {}).get("entry") or []:
+                report = entry.get("resource") or {}
+                links = report.get("imagingStudy") or []
+                if report.get("resourceType") != "DiagnosticReport" or any(r.get("reference") == ref for r in links):
+                    continue
+                report["imagingStudy"] = [*links, {"reference": ref}]
+                vid = (report.get("meta") or {}).get("versionId")
+                put_headers = {**headers, "Content-Type": FHIR_JSON, **({"If-Match": f'W/"{vid}"'} if vid else {})}
+                put = judge(await self.client.put(f"{base}/DiagnosticReport/{report['id']}", json=report,
+                                                  headers=put_headers), if_match=bool(vid))
+                if not put.ok:  # 412: the report changed meanwhile; the retry reads it again
+                    return DeliveryOutcome(ok=False, retry=put.retry, retry_after=put.retry_after,
+                                           error=f"HTTP {put.status} on DiagnosticReport link: {put.diagnostics}")
+        except AuthError as exc:
+            return DeliveryOutcome(ok=False, retry=exc.retry, error=f"authentication failed: {exc}")
+        except httpx.TransportError as exc:
+            return DeliveryOutcome(ok=False, retry=True, error=f"DiagnosticReport link: {type(exc).__name__}")
+        return None
 
     def plan(self, wanted: dict[str, Any], found: StudyInfo | None) -> tuple[Plan, list[str]]:
         study = study_data(wanted, found)
