@@ -1,7 +1,8 @@
 """Queued destination `imagingstudy`: ask the PACS for a study, then write its ImagingStudy to the EMR.
 
 Its payloads are study payloads (contract C3): queued by the `steps` destination when a step is
-COMPLETED, or made here from a poll's FOUND unit (C1). Images reach the PACS after the MPPS, often
+COMPLETED or the poll found a study (C1 FOUND unit), or, with `from_found: true` on a channel
+without `steps`, made here from the FOUND unit. Images reach the PACS after the MPPS, often
 minutes later, so delivery first asks the PACS (C-FIND, or QIDO-RS when `pacs.qido_url` is set):
 while an instance the MPPS listed is missing the delivery is *deferred* (pending again after
 `defer_seconds`, no attempt spent) until `wait_minutes` after it was queued; then the study is built
@@ -73,7 +74,9 @@ class ImagingStudyConfig(DestinationConfig):
     defer_seconds: float = Field(30.0, gt=0)  # how often the PACS is asked again meanwhile
     wadors_url: str = ""  # the PACS's WADO-RS base: ImagingStudy.endpoint
     timezone: str = "UTC"  # of DICOM dates and times (StudyDate/StudyTime carry no zone)
-    from_found: bool = True  # a poll's FOUND unit becomes a study payload here
+    # a poll's FOUND unit becomes a study payload here (a channel without `steps`; with it, `steps`
+    # makes that payload, with the worklist's order numbers, unless an MPPS already reported the study)
+    from_found: bool = False
     link_report: bool = True  # the accession's DiagnosticReport on the EMR gets imagingStudy -> this study
 
 
