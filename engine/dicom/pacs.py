@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, Protocol
@@ -251,6 +252,11 @@ class CFindPacs:
         pass
 
     def _associate(self) -> Any:
+        # pynetdicom leaks its socket when the connect fails: find a PACS that is down ourselves first
+        try:
+            socket.create_connection((self.host, self.port), timeout=self.timeout).close()
+        except OSError as exc:
+            raise PacsError(f"PACS {self.aet} at {self.host}:{self.port} unreachable: {type(exc).__name__}") from None
         ae = AE(ae_title=self.calling_aet)
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
@@ -279,7 +285,8 @@ class CFindPacs:
     def _study(self, study_uid: str) -> StudyInfo | None:
         assoc = self._associate()
         try:
-            found = self._find(assoc, find_query("STUDY", STUDY_KEYS, StudyInstanceUID=study_uid))
+            answers = self._find(assoc, find_query("STUDY", STUDY_KEYS, StudyInstanceUID=study_uid))
+            found = [a for a in answers if _text(a, "StudyInstanceUID") == study_uid]  # a PACS that ignored the key
             if not found:
                 return None
             study = study_from(found[0])
@@ -337,7 +344,8 @@ class QidoPacs:
             raise PacsError(f"QIDO-RS {path.split('/')[-1]}: answer is not DICOM JSON ({type(exc).__name__})") from None
 
     async def study(self, study_uid: str) -> StudyInfo | None:
-        found = await self._get("studies", {"StudyInstanceUID": study_uid}, STUDY_KEYS)
+        answers = await self._get("studies", {"StudyInstanceUID": study_uid}, STUDY_KEYS)
+        found = [a for a in answers if _text(a, "StudyInstanceUID") == study_uid]
         if not found:
             return None
         study = study_from(found[0])

@@ -273,3 +273,18 @@ async def test_the_accessions_report_references_the_study(tmp_path: Path, orthan
     [linked] = emr.search("DiagnosticReport", identifier=f"{SYSTEMS['accession']}|{study.accession}")
     assert linked["imagingStudy"] == [{"reference": f"ImagingStudy/{img['id']}"}]
     assert linked["status"] == "final" and linked["code"] == {"text": "CT chest"}  # the rest left as it was
+
+
+async def test_pacs_down_is_retried_with_backoff(tmp_path: Path, orthanc: Any, emr: Any, kit: ModuleType) -> None:
+    study = new_study(kit)
+    closed = kit.free_port()  # nothing listens there
+    dest = destination(orthanc, emr, pacs={"host": "127.0.0.1", "port": closed, "aet": "ORTHANC", "timeout": 5})
+    async with draining(tmp_path, dest) as db:
+        did = enqueue(db, study.payload())
+        r = await until(db, did, lambda r: r.attempts >= 1 and r.state == DeliveryState.PENDING)
+    # an attempt spent (the PACS is down), not a deferral (the PACS answered, images missing)
+    assert "PACS: PACS ORTHANC at 127.0.0.1" in r.last_error and "ConnectionRefusedError" in r.last_error
+    qido = destination(orthanc, emr, pacs={"qido_url": f"http://127.0.0.1:{closed}/dicom-web"})
+    async with draining(tmp_path, qido) as db:
+        r = await until(db, enqueue(db, study.payload()), lambda r: r.attempts >= 1)
+    assert r.state == DeliveryState.PENDING and "QIDO-RS studies: ConnectError" in r.last_error
