@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
@@ -29,7 +29,7 @@ from engine.dicom.pacs import Pacs, PacsError, StudyInfo, make_pacs
 from engine.errors import REQUIRED_FIELD_MISSING, ProcessingError
 from engine.fhir.client import FHIR_JSON, Auth, AuthConfig, AuthError, judge
 from engine.fhir.imagingstudy import InstanceData, SeriesData, StudyData, build_imaging_study
-from engine.fhir.models import FHIRValidationError, FhirVersion, validate_resource
+from engine.fhir.models import FHIRValidationError, validate_resource
 from engine.fhir.resources import PatientMode, Plan, plan_resources
 from engine.fhir.writer import FhirWriter, Mode
 from engine.runtime.destinations.base import (
@@ -61,7 +61,7 @@ class PacsSettings(BaseModel):
 class ImagingStudyConfig(DestinationConfig):
     base_url: str
     mode: Mode = "conditional"  # conditional: PUT ImagingStudy?identifier=... | transaction: one Bundle
-    fhir_version: FhirVersion = "R4B"
+    fhir_version: Literal["R4B"] = "R4B"  # the builder writes R4 ImagingStudy (R5 changed modality and series)
     identifier_systems: dict[str, str] = {}  # accession, mrn, placer, filler -> this site's URIs
     patient: PatientMode = "identifier"
     auth: AuthConfig = AuthConfig()
