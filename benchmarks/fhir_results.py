@@ -74,6 +74,7 @@ def engine_env(folder: Path, port: int, emr: str, timeout: str) -> dict[str, str
     env.update({
         "ENGINE_STORAGE_URL": f"sqlite:///{folder / 'engine.db'}",
         "RESULTS_MLLP_PORT": str(port),
+        "HTTP_PORT": "0",  # the shared HTTP listener on any free port
         "ENGINE_LOG_LEVEL": "WARNING",
         "BIND_HOST": "127.0.0.1",
         "EMR_FHIR_BASE": emr,

@@ -648,6 +648,41 @@ def messages_show(
     console.print(table)
 
 
+@messages_app.command("polls")
+def messages_polls(
+    ctx: typer.Context,
+    channel: Annotated[str | None, typer.Option("--channel", help="a polling channel, e.g. emr-medications-poll")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Where each polling source stands: last run, last success, what it fetched, its watermark."""
+    from engine.store.poll_state import load_states
+
+    db, loaded = _db(_config_path(ctx, config))
+    _check_channel(db, loaded, channel)
+    rows = load_states(db, channel)
+    if as_json:
+        for row in rows:
+            for key in ("last_run_at", "last_ok_at"):
+                row[key] = row[key].isoformat() if row[key] is not None else None
+            sys.stdout.write(json.dumps(row) + "\n")
+        return
+    table = Table("channel", "resource", "last run (UTC)", "last success (UTC)", "runs", "fetched", "new", "pages",
+                  "since", "error")
+
+    def when(value: datetime | None) -> str:
+        return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else ""
+
+    for r in rows:
+        table.add_row(_cell(r["channel"]), _cell(r["resource_type"]), when(r["last_run_at"]), when(r["last_ok_at"]),
+                      str(r["runs"]), str(r["fetched"]), str(r["stored"]), str(r["pages"]), _cell(r["since"]),
+                      _cell(r["last_error"][:60]))
+    console.print(table)
+    if not rows:
+        console.print("no poll has run yet", highlight=False)
+
+
 @messages_app.command("replay")
 def messages_replay(
     ctx: typer.Context,

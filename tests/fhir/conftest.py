@@ -84,6 +84,7 @@ async def running(tmp_path: Path, emr_base: str, channels: Path = ROOT / "channe
         "RESULTS_MLLP_PORT": "0",
         "DICOM_PORT": "0",
         "HTTP_PORT": "0",
+        "MEDS_ARCHIVE_DIR": str(tmp_path / "meds-archive"),
         "ORDERS_ARCHIVE_DIR": str(tmp_path / "archive"),
         "RESULTS_OUTBOX_DIR": str(tmp_path / "outbox"),
         "EMR_FHIR_BASE": emr_base,
