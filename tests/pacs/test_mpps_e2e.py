@@ -123,3 +123,33 @@ async def test_mpps_completed_then_images_then_poll(tmp_path: Path, orthanc: Any
         assert [p["source"] for p in payloads if p["study_instance_uid"] == order.study_uid] == ["mpps"]
     finally:
         await app.stop()
+
+
+async def test_shipped_configuration(tmp_path: Path, orthanc: Any, emr: Any, kit: ModuleType) -> None:
+    """engine.yaml and channels/ as shipped, pointed at Orthanc and sekmet by the environment names
+    of DESIGN.md; the images are in the PACS before the MPPS ends (the usual case for a fast modality)."""
+    env = engine_env(tmp_path)
+    env.update({"PACS_HOST": "127.0.0.1", "PACS_PORT": str(orthanc.dicom_port), "PACS_AET": "ORTHANC",
+                "PACS_QIDO_URL": orthanc.qido_url, "PACS_WADORS_URL": orthanc.qido_url,
+                "EMR_FHIR_BASE": emr.base_url, "EMR_FHIR_AUTH": "none", "PACS_POLL_MINUTES": "0"})
+    registry = default_registry()
+    app = EngineApp(load_config(ROOT / "engine.yaml", registry, env=env), registry)
+    await app.start()
+    try:
+        assert app.scheduler.get_job("pacs-poll") is None  # PACS_POLL_MINUTES=0: no poll
+        order = Order()
+        await order.place(app)
+        plan = kit.StudyPlan(order.accession, order.patient, uid=order.study_uid, series=[
+            kit.SeriesPlan("CT", 2, number=1, uid=f"{order.study_uid}.1",
+                           instance_uids=[f"{order.study_uid}.1.{i}" for i in (1, 2)])])
+        orthanc.store_all(plan.datasets())
+        mpps = order.mpps_uid()
+        assert (await n_create(app, order.n_create(), mpps)).Status == 0
+        assert (await n_set(app, order.completed(series=1, instances=2), mpps)).Status == 0
+        [found] = await eventually(lambda: studies_on(emr, order.study_uid), "no ImagingStudy")
+        assert found["numberOfInstances"] == 2
+        assert found["subject"]["identifier"] == {"system": SYSTEMS["mrn"], "value": order.patient}
+        assert found["endpoint"] == [{"reference": "#wadors"}]
+        assert found["contained"][0]["address"] == orthanc.qido_url
+    finally:
+        await app.stop()
