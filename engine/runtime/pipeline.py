@@ -20,11 +20,13 @@ from engine.errors import UNSUPPORTED_MESSAGE_TYPE, ProcessingError, ProcessingW
 from engine.inputs import AnswerBuilder, InputAdapter, Outcome, Received
 from engine.runtime.config import ChannelSpec
 from engine.runtime.destinations.base import (
+    RAW,
     Destination,
     Emitted,
     LocalDestination,
     MessageContext,
     QueuedDestination,
+    raw_of,
 )
 from engine.runtime.registry import Registry
 from engine.store.models import MessageStatus, utcnow
@@ -47,8 +49,11 @@ class Pipeline:
         self.filter_types = set(spec.config.filter.types)
         self.has_queued = any(isinstance(d, QueuedDestination) for d in self.destinations)
         self._queued_names = {d.name for d in self.destinations if isinstance(d, QueuedDestination)}
-        # queued destinations fed by a local one (C2): they get only what it emits
-        self._fed = {n for d in self.destinations if isinstance(d, LocalDestination) for n in type(d).emits(d.config)}
+        # queued destinations a local one emits to (C2) that cannot take this channel's units
+        # themselves (an mllp destination on a dicom channel): they get only what is emitted
+        fed = {n for d in self.destinations if isinstance(d, LocalDestination) for n in type(d).emits(d.config)}
+        own = {RAW, raw_of(spec.input.type)}
+        self._fed = {d.name for d in self.destinations if d.name in fed and not own & type(d).takes(d.config)}
         self.on_queued: Callable[[], None] | None = None  # wakes the delivery worker
 
     @classmethod

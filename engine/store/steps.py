@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Text, UniqueConstraint, and_, func, insert, or_, select, update
+from sqlalchemy import DateTime, String, Text, UniqueConstraint, and_, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, SQLModel
 
@@ -42,10 +42,10 @@ class PerformedStep(SQLModel, table=True):
     __table_args__ = (UniqueConstraint("sop_instance_uid", name="uq_performed_steps_sop_instance"),)
 
     id: int | None = Field(default=None, primary_key=True)
-    sop_instance_uid: str = Field(max_length=64)
+    sop_instance_uid: str = Field(sa_type=String())  # no length: a modality's over-long UID still fits
     channel: str = Field(default="", max_length=100)
     status: str = Field(default="IN PROGRESS", max_length=16)
-    study_instance_uid: str = Field(default="", max_length=64, index=True)
+    study_instance_uid: str = Field(default="", sa_type=String(), index=True)
     accession_number: str = Field(default="", max_length=64)
     patient_id: str = Field(default="", max_length=200)
     calling_aet: str = Field(default="", max_length=16)

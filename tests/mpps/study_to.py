@@ -30,7 +30,7 @@ input: dicom
 accept: [MPPS^N-CREATE, MPPS^N-SET, STUDY^FOUND]
 destinations:
   - {name: steps, type: steps, study_to: studies}
-  - {name: studies, type: file, directory: studies, content: raw}
+  - {name: studies, type: file, directory: studies, content: mapped}  # takes no raw unit: only what steps emits
 """
 
 
@@ -42,12 +42,12 @@ def found(study_uid: str, accession: str, patient: str, count: int) -> bytes:
     return envelope("FOUND", "", study_uid, "", "ENGINE", ds)
 
 
-async def run_study_to(tmp_path: Path) -> list[dict[str, Any]]:
+async def run_study_to(tmp_path: Path, channel: str = CHANNEL) -> list[dict[str, Any]]:
     base = tmp_path / "cfg"
     (base / "channels").mkdir(parents=True)
     shutil.copy(ROOT / "engine.yaml", base / "engine.yaml")
     shutil.copy(ROOT / "channels" / "ris-orders.yaml", base / "channels" / "ris-orders.yaml")
-    (base / "channels" / "pacs-studies.yaml").write_text(CHANNEL)
+    (base / "channels" / "pacs-studies.yaml").write_text(channel)
     (base / "mappings").symlink_to(ROOT / "mappings")
     registry = default_registry()
     app = EngineApp(load_config(base / "engine.yaml", registry, env=engine_env(tmp_path)), registry)
@@ -69,9 +69,19 @@ async def run_study_to(tmp_path: Path) -> list[dict[str, Any]]:
         assert app.db is not None
         with app.db.connect() as conn:
             rows = conn.execute(
-                select(DELIVERIES.c.payload, DELIVERIES.c.ordering_key).where(DELIVERIES.c.destination == "studies")
-                .order_by(DELIVERIES.c.id)
+                select(DELIVERIES.c.payload, DELIVERIES.c.ordering_key).where(
+                    DELIVERIES.c.destination == "studies", DELIVERIES.c.content_type == "application/json"
+                ).order_by(DELIVERIES.c.id)
             ).all()
+            raw_units = conn.execute(
+                select(DELIVERIES.c.id).where(
+                    DELIVERIES.c.destination == "studies", DELIVERIES.c.content_type == "application/dicom+json"
+                )
+            ).all()
+        if "content: raw" in channel:  # a destination that takes the raw unit gets it too (C2)
+            assert len(raw_units) == 5, raw_units  # N-CREATE, N-SET and three FOUND
+        else:
+            assert raw_units == []
         payloads = [json.loads(crypto.open_value(r[0], crypto.PAYLOAD)) for r in rows]
         keys = [f"study:{order.study_uid}", f"study:{order.study_uid}", f"study:{other.study_uid}"]
         assert [r[1] for r in rows] == keys

@@ -270,6 +270,13 @@ async def test_completed_emits_the_study_payload_when_study_to_is_set(tmp_path: 
     assert payloads[2]["placer_order"] == ""  # a study the RIS did not order here
 
 
+async def test_a_destination_steps_emits_to_that_takes_raw_units_gets_both(tmp_path: Path) -> None:
+    from tests.mpps.study_to import CHANNEL, run_study_to
+
+    payloads = await run_study_to(tmp_path, CHANNEL.replace("content: mapped", "content: raw"))
+    assert [p["source"] for p in payloads] == ["mpps", "poll", "poll"]
+
+
 async def findscu(app: EngineApp, out: Path, accession: str) -> list[str]:
     """dcmtk's findscu for one accession: the SPS Status of each answer."""
     out.mkdir(parents=True, exist_ok=True)

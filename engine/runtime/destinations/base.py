@@ -11,7 +11,8 @@ Two kinds:
 A local destination may also decide what a queued destination of its channel delivers (contract
 C2): `apply` returns `Emitted` payloads for it, queued in the same transaction (the performed-step
 store emits the RIS status message only once it knows the step's order). A destination named by
-`emits()` gets only what is emitted to it, never the unit itself.
+`emits()` that cannot take the channel's units (an mllp destination on a dicom channel) gets only
+what is emitted to it; one that can (takes RAW) is also asked for its own `payloads()`.
 
 Constructors do no I/O; `start()` does.
 """

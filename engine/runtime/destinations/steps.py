@@ -244,8 +244,8 @@ class StepsDestination(LocalDestination):
             channel=ctx.channel,
             status=IN_PROGRESS,
             study_instance_uid=study_uid,
-            accession_number=_s(first.get("AccessionNumber")),
-            patient_id=_s(pps.get("PatientID")),
+            accession_number=_s(first.get("AccessionNumber"))[:64],
+            patient_id=_s(pps.get("PatientID"))[:200],
             calling_aet=view.get("calling_aet")[:16],
             worklist_items=",".join(str(i) for i in rows),
             message_id=ctx.message_id,
@@ -259,12 +259,10 @@ class StepsDestination(LocalDestination):
                 note_message(conn, ctx.message_id, flag=UNSCHEDULED, warnings=[warning])
             log.warning("MPPS %s: unscheduled (no worklist item matched)", uid)
             return []
-        emitted = []
         for row in rows.values():
-            if row["status"] in OPEN_STATUSES:
+            if row["status"] in OPEN_STATUSES:  # a cancelled order is not reopened by the modality
                 set_status(conn, row["id"], ITEM_STATUS[IN_PROGRESS])
-        emitted += self._statuses(orders, pps, IN_PROGRESS)
-        return emitted
+        return self._statuses(orders, pps, IN_PROGRESS)
 
     # -- N-SET ---------------------------------------------------------------------------------------
 
