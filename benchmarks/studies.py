@@ -12,6 +12,11 @@ For each transport:
 2. deliver: one study payload per study (C3, as after MPPS COMPLETED) queued in the durable queue
    (SQLite) and drained by the delivery worker into the `imagingstudy` destination, which asks the
    PACS and writes the ImagingStudy to sekmet by conditional update: studies/s end to end.
+3. mpps: the engine with the shipped engine.yaml and channels (in this process, DICOM SCP on a free
+   port, PACS_* and EMR_FHIR_BASE pointing at Orthanc and sekmet): per study a modality sends
+   N-CREATE and N-SET COMPLETED listing every instance (unscheduled: no worklist items are loaded);
+   studies/s from the first N-CREATE until
+   every ImagingStudy delivery is done.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import logging
 import shutil
 import statistics
 import sys
@@ -173,6 +179,113 @@ async def deliver_phase(tmp: Path, orthanc: Any, emr: Any, plans: list[Any], qid
     return len(plans) / took
 
 
+def n_create(plan: Any) -> Any:
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = plan.patient_name, plan.patient_id, "", ""
+    item = Dataset()
+    item.StudyInstanceUID, item.ReferencedStudySequence = plan.uid, []
+    item.AccessionNumber, item.RequestedProcedureID = plan.accession, ""
+    item.RequestedProcedureDescription, item.ScheduledProcedureStepID = "", ""
+    item.ScheduledProcedureStepDescription, item.ScheduledProtocolCodeSequence = "", []
+    ds.ScheduledStepAttributesSequence = [item]
+    ds.PerformedProcedureStepID, ds.PerformedStationAETitle = "PPS1", "CT1"
+    ds.PerformedStationName, ds.PerformedLocation = "", ""
+    ds.PerformedProcedureStepStartDate, ds.PerformedProcedureStepStartTime = plan.study_date, plan.study_time
+    ds.PerformedProcedureStepStatus = "IN PROGRESS"
+    ds.PerformedProcedureStepDescription, ds.PerformedProcedureTypeDescription = plan.description, ""
+    ds.ProcedureCodeSequence = []
+    ds.PerformedProcedureStepEndDate, ds.PerformedProcedureStepEndTime = "", ""
+    ds.Modality, ds.StudyID = "CT", ""
+    ds.PerformedProtocolCodeSequence, ds.PerformedSeriesSequence = [], []
+    return ds
+
+
+def n_set(plan: Any) -> Any:
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.PerformedProcedureStepStatus = "COMPLETED"
+    ds.PerformedProcedureStepEndDate, ds.PerformedProcedureStepEndTime = plan.study_date, "235959"
+    items = []
+    for s in plan.series:
+        series = Dataset()
+        series.PerformingPhysicianName, series.OperatorsName, series.ProtocolName = "TECH^TOM", "", "Chest"
+        series.SeriesInstanceUID, series.SeriesDescription, series.RetrieveAETitle = s.uid, s.description, ""
+        refs = []
+        for uid in s.instance_uids:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", uid
+            refs.append(ref)
+        series.ReferencedImageSequence, series.ReferencedNonImageCompositeSOPInstanceSequence = refs, []
+        items.append(series)
+    ds.PerformedSeriesSequence = items
+    return ds
+
+
+def modality(port: int, plans: list[Any]) -> None:
+    from pydicom.uid import generate_uid
+    from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="CT1")
+    ae.add_requested_context(ModalityPerformedProcedureStep)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ENGINE")
+    assert assoc.is_established
+    set_nodelay(assoc.dul.socket.socket)
+    try:
+        for plan in plans:
+            uid = generate_uid()
+            status, _ = assoc.send_n_create(n_create(plan), ModalityPerformedProcedureStep, uid)
+            assert status is not None and status.Status == 0, status
+            status, _ = assoc.send_n_set(n_set(plan), ModalityPerformedProcedureStep, uid)
+            assert status is not None and status.Status == 0, status
+    finally:
+        assoc.release()
+
+
+async def mpps_phase(tmp: Path, orthanc: Any, emr: Any, plans: list[Any], qido: bool) -> float:
+    import os
+
+    from engine.runtime.app import EngineApp, default_registry
+    from engine.runtime.config import load_config
+
+    folder = tmp / f"engine-mpps-{int(qido)}"
+    folder.mkdir()
+    env = dict(os.environ)
+    env.update({
+        "ENGINE_STORAGE_URL": f"sqlite:///{folder / 'engine.db'}", "ORDERS_MLLP_PORT": "0", "RESULTS_MLLP_PORT": "0",
+        "DICOM_PORT": "0", "HTTP_PORT": "0", "ENGINE_LOG_LEVEL": "WARNING", "ORDERS_ARCHIVE_DIR": str(folder / "a"),
+        "RESULTS_OUTBOX_DIR": str(folder / "o"), "EMR_FHIR_BASE": emr.base_url, "EMR_FHIR_AUTH": "none",
+        "PACS_HOST": "127.0.0.1", "PACS_PORT": str(orthanc.dicom_port), "PACS_AET": kit.AET,
+        "PACS_QIDO_URL": orthanc.qido_url if qido else "", "PACS_POLL_MINUTES": "0",
+        "RIS_STATUS_PORT": str(kit.free_port()),  # no RIS: its status messages wait in the queue
+    })
+    registry = default_registry()
+    app = EngineApp(load_config(ROOT / "engine.yaml", registry, env=env), registry)
+    logging.getLogger("engine").setLevel(logging.ERROR)  # every step is unscheduled (no order): said once here
+    await app.start()
+    assert app.db is not None
+    deliveries = Delivery.__table__  # type: ignore[attr-defined]
+    try:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(asyncio.to_thread(modality, app.scp.port, plans[i::4]) for i in range(4)))
+        while True:
+            with app.db.connect() as conn:
+                rows = dict(conn.execute(select(deliveries.c.state, func.count())
+                                         .where(deliveries.c.destination == "imagingstudy")
+                                         .group_by(deliveries.c.state)).all())
+            if rows.get(DeliveryState.DONE, 0) + rows.get(DeliveryState.DEAD, 0) >= len(plans):
+                break
+            await asyncio.sleep(0.05)
+        took = time.perf_counter() - t0
+    finally:
+        await app.stop()
+    if rows.get(DeliveryState.DEAD):
+        raise SystemExit(f"{rows[DeliveryState.DEAD]} ImagingStudy deliveries went dead")
+    return len(plans) / took
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--studies", type=int, default=10)
@@ -187,15 +300,17 @@ async def main() -> None:
     try:
         plans = load(orthanc, args.studies, args.series, args.instances)
         print(f"{'transport':10} {'engine ms/study':>16} {'PACS alone ms':>14} {'engine share':>13} "
-              f"{'built/s':>8} {'delivered/s':>12}")
+              f"{'built/s':>8} {'delivered/s':>12} {'MPPS->EMR/s':>12}")
         for qido in (False, True):
             engine_s, bare_s = await build_phase(orthanc, emr, plans, qido)
             rate = await deliver_phase(tmp, orthanc, emr, plans, qido)
+            mpps = await mpps_phase(tmp, orthanc, emr, plans, qido)
             share = max(0.0, engine_s - bare_s) / engine_s
             print(f"{'QIDO-RS' if qido else 'C-FIND':10} {engine_s * 1000:16.1f} {bare_s * 1000:14.1f} "
-                  f"{share:13.0%} {1 / engine_s:8.1f} {rate:12.1f}")
+                  f"{share:13.0%} {1 / engine_s:8.1f} {rate:12.1f} {mpps:12.1f}")
         print("engine ms/study and PACS alone: medians, one study at a time; delivered/s: queue -> PACS -> "
-              "ImagingStudy -> EMR (conditional update), the worker running up to 64 at once")
+              "ImagingStudy -> EMR (conditional update), the worker running up to 64 at once; MPPS->EMR/s: "
+              "4 modalities, N-CREATE + N-SET COMPLETED each, until every ImagingStudy is written")
     finally:
         emr.stop()
         orthanc.stop()
