@@ -15,8 +15,7 @@ For each transport:
 3. mpps: the engine with the shipped engine.yaml and channels (in this process, DICOM SCP on a free
    port, PACS_* and EMR_FHIR_BASE pointing at Orthanc and sekmet): per study a modality sends
    N-CREATE and N-SET COMPLETED listing every instance (unscheduled: no worklist items are loaded);
-   studies/s from the first N-CREATE until
-   every ImagingStudy delivery is done.
+   studies/s from the first N-CREATE until every ImagingStudy delivery is done.
 """
 
 from __future__ import annotations
