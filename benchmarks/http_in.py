@@ -5,7 +5,9 @@ FastAPI/uvicorn echo (read the body, answer 200 with it) in the same run.
     python benchmarks/http_in.py [--bundles 80] [--size 60] [--clients 8] [--kinds batch,transaction]
 
 Prints resources/s and p50/p99 request latency for the echo and for the engine per Bundle kind
-(batch: one stored unit per entry; transaction: one unit per Bundle), and the ratio engine/echo.
+(batch: one stored unit per entry; transaction: one unit per Bundle), the ratio engine/echo, and,
+as the ceiling the engine cannot pass on one core, fhir.resources validation alone (the same
+resources, in this process), with the ratio engine/validation.
 """
 
 from __future__ import annotations
@@ -112,6 +114,20 @@ def wait_health(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     raise SystemExit(f"{base} did not come up")
 
 
+def validation_rate(bodies: list[bytes]) -> float:
+    """Resources/s fhir.resources (R4B) validates, each resource with its own class, in this process."""
+    from fhir.resources.R4B import get_fhir_model_class
+
+    resources = [e["resource"] for b in bodies for e in json.loads(b)["entry"]]
+    classes = {k: get_fhir_model_class(k) for k in KINDS}
+    for r in resources[:50]:  # warm-up
+        classes[r["resourceType"]].model_validate(r)
+    t0 = time.perf_counter()
+    for r in resources:
+        classes[r["resourceType"]].model_validate(r)
+    return len(resources) / (time.perf_counter() - t0)
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else 0.0
@@ -165,11 +181,15 @@ def main() -> None:
             secs, lat = asyncio.run(post_all(bbase, "/fhir/meds", bundles(args.bundles + 1, args.size, "batch", "e"),
                                              args.clients))
             baseline = report("bare FastAPI echo", secs, lat, measured)
+            ceiling = validation_rate(bundles(args.bundles, args.size, "batch", "v"))
+            print(f"{'validation alone':<24} {ceiling:>9.0f} resources/s  (fhir.resources, one core, no I/O)",
+                  flush=True)
             for i, kind in enumerate(k for k in args.kinds.split(",") if k):
                 bodies = bundles(args.bundles + 1, args.size, kind, f"r{i}")
                 secs, lat = asyncio.run(post_all(ebase, "/fhir/meds", bodies, args.clients))
                 rate = report(f"engine, {kind}", secs, lat, measured)
-                print(f"{'':<24} ratio engine/echo {rate / baseline:.3f}", flush=True)
+                print(f"{'':<24} ratio engine/echo {rate / baseline:.3f}, engine/validation {rate / ceiling:.2f}",
+                      flush=True)
         finally:
             for proc in (engine, echo):
                 proc.terminate()
