@@ -11,20 +11,26 @@ that one was issued later (OBR-22, else MSH-7), or at the same time but as a cor
 an older version that arrived late: nothing is written, and the outcome says so. Otherwise the
 report is written with `If-Match` on the version just read, so a write that slipped in between
 makes ours fail with 412 and be retried (read again, judged again) instead of overwriting it.
+The delivery worker hands over a group of reports at once; their reads are sent together as one
+search (`DiagnosticReport?identifier=a,b,c`, see `Lookups`), so the check costs the server one
+search per group instead of one per report.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import quote
 
 import httpx
+import pydantic_core
 
 from engine.fhir.client import FHIR_JSON, Answer, Auth, AuthError, judge, outcome_text
-from engine.fhir.resources import Plan, Planned
+from engine.fhir.resources import Plan, Planned, identifier_key
 
 Mode = Literal["transaction", "conditional"]
 CORRECTED = frozenset({"corrected", "amended", "appended"})
@@ -47,6 +53,7 @@ class FhirWriter:
         self.auth = auth
         self.mode = mode
         self.guard_stale = guard_stale
+        self.lookups = Lookups(lambda url: self._send("GET", url))
 
     async def write(self, plan: Plan) -> WriteResult:
         try:
@@ -69,9 +76,11 @@ class FhirWriter:
     async def _send(self, method: str, url: str, *, body: Any = None, headers: dict[str, str] | None = None,
                     if_match: bool = False) -> Answer:
         h = {"Accept": FHIR_JSON, **(await self.auth.headers(self.client)), **(headers or {})}
+        content = None
         if body is not None:
             h["Content-Type"] = FHIR_JSON
-        resp = await self.client.request(method, f"{self.base}/{url}", json=body, headers=h)
+            content = pydantic_core.to_json(body)  # encoded once, compact UTF-8
+        resp = await self.client.request(method, f"{self.base}/{url}", content=content, headers=h)
         ans = judge(resp, if_match=if_match)
         if ans.status == 401 and self.auth.refused():
             ans.retry = True  # an expired OAuth2 token: the next attempt fetches a new one
@@ -91,11 +100,9 @@ class FhirWriter:
         report = plan.first("DiagnosticReport")
         if report is None or not report.key:
             return None
-        ans = await self._send("GET", report.search)
+        ans, found = await self.lookups.find("DiagnosticReport", report.key)
         if not ans.ok:
             return self._failed("DiagnosticReport search", ans)
-        entries = [e.get("resource") for e in (ans.body or {}).get("entry") or [] if isinstance(e, dict)]
-        found = [r for r in entries if isinstance(r, dict) and r.get("resourceType") == "DiagnosticReport"]
         if len(found) != 1:
             return None  # none: created below; several: the conditional update says 412 itself
         current = found[0]
@@ -188,6 +195,109 @@ class FhirWriter:
                                    error=f"{rtype} reference matched {len(ids)} resources on the server")
             literal[ref] = f"{rtype}/{ids[0]}"
         return None
+
+
+@dataclass
+class _Wait:
+    rtype: str
+    key: str
+    future: asyncio.Future[tuple[Answer, list[dict[str, Any]]]] = field(repr=False)
+
+
+class Lookups:
+    """Searches by identifier asked at the same moment, sent as one OR search per resource type.
+
+    `find` answers what `Type?identifier=key` would: the server's answer and the resources it
+    holds with that identifier. Keys asked in the same turn of the event loop (a delivery group
+    starts together) share one `Type?identifier=k1,k2,...` search; a key with a character the
+    search syntax escapes goes alone, and a server that refuses the combined search (a 4xx other
+    than auth) is asked again one key at a time, so the answers are never worse than before.
+    """
+
+    def __init__(self, get: Callable[[str], Awaitable[Answer]], *, max_keys: int = 40) -> None:
+        self.get = get
+        self.max_keys = max_keys
+        self._waiting: list[_Wait] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def find(self, rtype: str, key: str) -> tuple[Answer, list[dict[str, Any]]]:
+        if not _groupable(key):
+            return await self._one(rtype, key)
+        loop = asyncio.get_running_loop()
+        wait = _Wait(rtype, key, loop.create_future())
+        if not self._waiting:
+            loop.call_soon(self._flush)
+        self._waiting.append(wait)
+        return await wait.future
+
+    def _flush(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        by_type: dict[str, list[_Wait]] = {}
+        for w in waiting:
+            by_type.setdefault(w.rtype, []).append(w)
+        for rtype, group in by_type.items():
+            for i in range(0, len(group), self.max_keys):
+                task = asyncio.create_task(self._answer(rtype, group[i : i + self.max_keys]))
+                self._tasks.add(task)  # kept until done (the loop holds tasks only weakly)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, rtype: str, group: list[_Wait]) -> None:
+        try:
+            keys = sorted({w.key for w in group})
+            if len(keys) == 1:
+                answers = {keys[0]: await self._one(rtype, keys[0])}
+            else:
+                answers = await self._together(rtype, keys)
+            for w in group:
+                if not w.future.done():
+                    w.future.set_result(answers[w.key])
+        except BaseException as exc:  # a transport error or timeout is each delivery's to handle
+            for w in group:
+                if not w.future.done():
+                    w.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _one(self, rtype: str, key: str) -> tuple[Answer, list[dict[str, Any]]]:
+        ans = await self.get(f"{rtype}?identifier={quote(key, safe='')}")
+        return ans, _matches(ans, rtype) if ans.ok else []
+
+    async def _together(self, rtype: str, keys: list[str]) -> dict[str, tuple[Answer, list[dict[str, Any]]]]:
+        listed = ",".join(quote(k, safe="") for k in keys)
+        ans = await self.get(f"{rtype}?identifier={listed}&_count={4 * len(keys) + 10}")
+        complete = ans.ok and not any(
+            isinstance(link, dict) and link.get("relation") == "next" for link in (ans.body or {}).get("link") or []
+        )
+        if not complete:
+            if ans.retry or ans.status in (401, 403):
+                return {k: (ans, []) for k in keys}  # the server is unwell or refuses us: the same for all
+            return {k: await self._one(rtype, k) for k in keys}  # not taken as one search: one by one
+        found: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
+        unmatched = False
+        for resource in _matches(ans, rtype):
+            idents = resource.get("identifier")
+            if not isinstance(idents, list):
+                idents = []
+            hits = {identifier_key(i) for i in idents if isinstance(i, dict) and i.get("value")} & found.keys()
+            for k in hits:
+                found[k].append(resource)
+            unmatched = unmatched or not hits
+        answers = {k: (ans, found[k]) for k in keys}
+        if unmatched:  # the server matches identifiers more loosely than we do: ask it about the rest
+            for k in keys:
+                if not found[k]:
+                    answers[k] = await self._one(rtype, k)
+        return answers
+
+
+def _groupable(key: str) -> bool:
+    """A key the OR list can carry as it is (`,` `$` `\\` and a second `|` would need escapes)."""
+    return key.count("|") == 1 and not any(c in key for c in ",$\\")
+
+
+def _matches(ans: Answer, rtype: str) -> list[dict[str, Any]]:
+    entries = [e.get("resource") for e in (ans.body or {}).get("entry") or [] if isinstance(e, dict)]
+    return [r for r in entries if isinstance(r, dict) and r.get("resourceType") == rtype]
 
 
 def replace_references(node: Any, mapping: dict[str, str]) -> Any:

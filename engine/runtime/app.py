@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from engine.dicom.adapter import DicomAdapter
 from engine.fhir.adapter import FHIRAdapter
 from engine.hl7.adapter import HL7Adapter
 from engine.inputs import InputAdapter
@@ -33,15 +34,17 @@ COMPONENT_MODULES = [
     "engine.runtime.sources.mllp",
     "engine.runtime.sources.http",
     "engine.runtime.sources.fhir_poll",
+    "engine.runtime.sources.dicom",
     "engine.runtime.destinations.fhir",
     "engine.runtime.destinations.file",
     "engine.runtime.destinations.mllp",
     "engine.runtime.destinations.worklist",
+    "engine.runtime.destinations.steps",
 ]
 
 
 # One adapter per input kind; each lives with its protocol (which may not import the runtime).
-ADAPTERS: list[type[InputAdapter]] = [HL7Adapter, FHIRAdapter]
+ADAPTERS: list[type[InputAdapter]] = [HL7Adapter, FHIRAdapter, DicomAdapter]
 
 
 def default_registry() -> Registry:
@@ -141,12 +144,15 @@ class EngineApp:
 
     def _start_scp(self) -> None:
         from engine.dicom.scp import DicomApplication, DicomTimeouts, ServiceContext
-        from engine.dicom.services import DEFAULT_SERVICES, default_registry
+        from engine.dicom.services import CHANNEL_SERVICES, DEFAULT_SERVICES, default_registry
         from engine.hl7.mllp import server_ssl_context  # plain TLS set-up, shared with MLLP
+        from engine.runtime.sources.dicom import channel_submitter
 
         d = self.config.engine.dicom
         assert self.db is not None
-        services = default_registry().build(DEFAULT_SERVICES, ServiceContext(self.db, d.model_dump()))
+        submit = channel_submitter({name: ch.source for name, ch in self.channels.items()})
+        names = DEFAULT_SERVICES + (CHANNEL_SERVICES if submit is not None else ())  # MPPS only with its channel
+        services = default_registry().build(names, ServiceContext(self.db, d.model_dump(), submit))
         tls = None
         if d.tls is not None:
             base = self.config.base_dir

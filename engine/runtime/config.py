@@ -222,6 +222,7 @@ def load_config(
     else:
         seen: dict[str, str] = {}
         listening: dict[tuple[str, int], str] = {}
+        taken: dict[str, str] = {}
         if engine_cfg.dicom.enabled and engine_cfg.dicom.port:
             listening[(engine_cfg.dicom.host, engine_cfg.dicom.port)] = "the DICOM listener (engine.yaml dicom.port)"
         if engine_cfg.http.enabled and engine_cfg.http.port:  # one listener, shared by every http source
@@ -245,6 +246,7 @@ def load_config(
                 problems.append(chdoc.problem(("source", "type"), "the http source needs the HTTP listener: "
                                               "set http.enabled: true in engine.yaml"))
             if spec.config.enabled:
+                problems += _one_channel_only(spec, registry, taken)
                 for ep in spec.source.endpoints():
                     if not ep.port:
                         continue
@@ -259,6 +261,18 @@ def load_config(
     elif problems:
         raise ConfigError(problems)
     return LoadedConfig(path=path, base_dir=base, engine=engine_cfg, channels=channels)
+
+
+def _one_channel_only(spec: ChannelSpec, registry: Registry, taken: dict[str, str]) -> list[Problem]:
+    """A source that serves one channel per engine (`one_channel_only`, e.g. the DICOM SCP's MPPS)."""
+    kind = spec.source.type
+    if not getattr(registry.sources.get(kind), "one_channel_only", False):
+        return []
+    if kind in taken:
+        return [spec.doc.problem(("source", "type"), f"only one enabled channel may have a {kind} source "
+                                 f"(channel {taken[kind]} has one)")]
+    taken[kind] = spec.config.name
+    return []
 
 
 def _load_channel(
@@ -374,9 +388,10 @@ def _check_routes(doc: YamlDocument, spec: ChannelSpec, registry: Registry, mapp
                 doc.problem(("mappings", mtype), f"mapping {mapping.name} reads {mapping.input} input, "
                             f"but this channel's input is {kind}")
             )
+    fed = _check_emits(doc, spec, registry, problems)
     for i, dest in enumerate(spec.destinations):
         takes = registry.destinations[dest.type].takes(dest)
-        if RAW in takes or raw_of(kind) in takes:
+        if RAW in takes or raw_of(kind) in takes or dest.name in fed:
             continue
         raw_only = {t for t in takes if t.startswith(RAW)}
         if raw_only:
@@ -403,6 +418,22 @@ def _check_routes(doc: YamlDocument, spec: ChannelSpec, registry: Registry, mapp
                                 f"{wants}, but mapping {mapping.name} for {mtype} makes {mapping.output}")
                 )
     return problems
+
+
+def _check_emits(doc: YamlDocument, spec: ChannelSpec, registry: Registry, problems: list[Problem]) -> set[str]:
+    """A local destination that emits payloads (C2) names queued destinations of its channel;
+    those take only what it emits. Returns their names."""
+    kinds = {d.name: registry.destinations[d.type].kind for d in spec.destinations}
+    fed: set[str] = set()
+    for i, dest in enumerate(spec.destinations):
+        emits = getattr(registry.destinations[dest.type], "emits", None)
+        for name in emits(dest) if emits is not None else []:
+            if kinds.get(name) != "queued":
+                what = "is not a destination of this channel" if name not in kinds else "is not a queued destination"
+                text = f"destination {dest.name!r} sends to {name!r}, which {what}"
+                problems.append(doc.problem(("destinations", i), text))
+            fed.add(name)
+    return fed
 
 
 def _load_channel_mappings(

@@ -17,6 +17,8 @@ from sqlalchemy import Engine, Table, and_, case, func, literal, not_, or_, sele
 
 from engine.store import crypto
 from engine.store.models import Delivery, Message
+from engine.store.steps import DATASET as STEPS_DATASET
+from engine.store.steps import PerformedStep
 from engine.store.worklist import WorklistItem
 
 
@@ -36,6 +38,7 @@ COLUMNS = (
     SealedColumn(Message.__table__, "raw", crypto.RAW, False),  # type: ignore[attr-defined]  # SQLModel table
     SealedColumn(Delivery.__table__, "payload", crypto.PAYLOAD, False),  # type: ignore[attr-defined]  # (same)
     SealedColumn(WorklistItem.__table__, "dataset_json", crypto.DATASET, True),  # type: ignore[attr-defined]  # SQLModel adds __table__ to table classes
+    SealedColumn(PerformedStep.__table__, "dataset_json", STEPS_DATASET, True),  # type: ignore[attr-defined]  # (same)
 )
 
 

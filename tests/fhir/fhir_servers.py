@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,11 +112,13 @@ class FaultProxy:
     """HTTP/1.1 proxy in front of `upstream`; `faults` is consumed one per request.
 
     Faults: "503" (with Retry-After: 1), "stall" (answer nothing for `stall_seconds`), "reset"
-    (close the connection mid-response), "400" (an OperationOutcome), None: forward.
+    (close the connection mid-response), "400" or "412" (an OperationOutcome), None: forward.
+    `fault_when(method, path)`, when set, is asked first and may name a fault for that request.
     """
 
     upstream: str  # http://127.0.0.1:N
     faults: list[str | None] = field(default_factory=list)
+    fault_when: Callable[[str, str], str | None] | None = None
     stall_seconds: float = 5.0
     port: int = 0
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, path, fault)
@@ -151,7 +154,9 @@ class FaultProxy:
                         k, v = line.split(":", 1)
                         headers[k.strip().lower()] = v.strip()
                 body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
-                fault = self.faults.pop(0) if self.faults else None
+                fault = self.fault_when(method, path) if self.fault_when is not None else None
+                if fault is None:
+                    fault = self.faults.pop(0) if self.faults else None
                 self.requests.append((method, path, fault))
                 if fault == "stall":
                     await asyncio.sleep(self.stall_seconds)
@@ -172,6 +177,11 @@ class FaultProxy:
                 if fault == "400":
                     await self._answer(writer, 400, {"resourceType": "OperationOutcome", "issue": [
                         {"severity": "error", "code": "invalid", "diagnostics": "rejected by the proxy"}]})
+                    continue
+                if fault == "412":
+                    await self._answer(writer, 412, {"resourceType": "OperationOutcome", "issue": [
+                        {"severity": "error", "code": "multiple-matches",
+                         "diagnostics": "conditional update matched 2 resources"}]})
                     continue
                 assert self._client is not None
                 fwd = {k: v for k, v in headers.items() if k not in ("host", "content-length", "connection")}

@@ -10,12 +10,12 @@ are retried honouring Retry-After, any other 4xx goes `dead` with the server's O
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import httpx
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import REQUIRED_FIELD_MISSING, ProcessingError
@@ -122,7 +122,7 @@ class FhirDestination(QueuedDestination):
         out = []
         for n, output in enumerate(outputs, 1):
             plan = self.plan(output, n if len(outputs) > 1 else 0)
-            body = json.dumps(plan.to_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            body = pydantic_core.to_json(plan.to_json())  # compact UTF-8, as json.dumps but ~5x faster
             out.append(Payload(body, ordering_key=key, content_type=PLAN_TYPE))
         return out
 
@@ -158,7 +158,7 @@ class FhirDestination(QueuedDestination):
         if self.writer is None:
             await self.start()
         assert self.writer is not None
-        plan = Plan.from_json(json.loads(payload.body))
+        plan = Plan.from_json(pydantic_core.from_json(payload.body))
         result = await self.writer.write(plan)
         if result.skipped:
             log.warning(
