@@ -193,7 +193,11 @@ def run(ctx: typer.Context, config: ConfigOpt = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await engine_app.start()
+        try:
+            await engine_app.start()
+        except OSError as exc:  # a port in use, an address not on this host: one line, not a traceback
+            await engine_app.stop()
+            _fail(f"cannot start: {exc.strerror or exc}")
         for what, ep in engine_app.endpoints():
             console.print(f"  {what:<16} {ep}", highlight=False)
         console.print("engine running; Ctrl-C stops it", highlight=False)

@@ -127,9 +127,10 @@ class HttpApp:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(addr)
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            raise OSError(exc.errno, f"the HTTP listener cannot bind {cfg.host}:{cfg.port} ({exc.strerror}); "
+                                     "set HTTP_PORT to a free port") from None
         self._sock = sock
         if self.audit is not None:
             self.audit.start()

@@ -89,3 +89,17 @@ def test_the_shared_listener_is_one_endpoint_in_the_port_check(tmp_path: Path) -
         load_config(tmp_path / "engine.yaml", default_registry(), env={})
     shown = [str(p) for p in info.value.problems]
     assert shown == [s for s in shown if "port 18080 is also used by the HTTP listener" in s] and len(shown) == 1
+
+
+def test_engine_run_names_a_busy_http_port(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "engine", "run", "-c", str(ROOT / "engine.yaml")],
+                             env=_env(tmp_path, HTTP_PORT=str(port)), capture_output=True, text=True, timeout=120,
+                             cwd=ROOT)
+    assert run.returncode == 1
+    assert f"the HTTP listener cannot bind 127.0.0.1:{port}" in run.stderr and "Traceback" not in run.stderr
