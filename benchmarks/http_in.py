@@ -5,7 +5,9 @@ FastAPI/uvicorn echo (read the body, answer 200 with it) in the same run.
     python benchmarks/http_in.py [--bundles 80] [--size 60] [--clients 8] [--kinds batch,transaction]
 
 Prints resources/s and p50/p99 request latency for the echo and for the engine per Bundle kind
-(batch: one stored unit per entry; transaction: one unit per Bundle), and the ratio engine/echo.
+(batch: one stored unit per entry; transaction: one unit per Bundle), the ratio engine/echo, and,
+as the ceiling the engine cannot pass on one core, fhir.resources validation alone (the same
+resources, in this process), with the ratio engine/validation.
 """
 
 from __future__ import annotations
@@ -91,10 +93,11 @@ async def post_all(base: str, path: str, bodies: list[bytes], clients: int) -> t
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
-        await one(client, bodies[:1])  # warm-up: connections, imports, model classes
+        # warm-up, one Bundle per client: connections, imports, model classes, worker processes
+        await asyncio.gather(*(one(client, [b]) for b in bodies[:clients]))
         latencies.clear()
         t0 = time.perf_counter()
-        await asyncio.gather(*(one(client, bodies[1 + i::clients]) for i in range(clients)))
+        await asyncio.gather(*(one(client, bodies[clients + i::clients]) for i in range(clients)))
         return time.perf_counter() - t0, latencies
 
 
@@ -112,6 +115,20 @@ def wait_health(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     raise SystemExit(f"{base} did not come up")
 
 
+def validation_rate(bodies: list[bytes]) -> float:
+    """Resources/s fhir.resources (R4B) validates, each resource with its own class, in this process."""
+    from fhir.resources.R4B import get_fhir_model_class
+
+    resources = [e["resource"] for b in bodies for e in json.loads(b)["entry"]]
+    classes = {k: get_fhir_model_class(k) for k in KINDS}
+    for r in resources[:50]:  # warm-up
+        classes[r["resourceType"]].model_validate(r)
+    t0 = time.perf_counter()
+    for r in resources:
+        classes[r["resourceType"]].model_validate(r)
+    return len(resources) / (time.perf_counter() - t0)
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else 0.0
@@ -119,7 +136,7 @@ def pct(values: list[float], q: float) -> float:
 
 def report(name: str, seconds: float, latencies: list[float], resources: int) -> float:
     rate = resources / seconds
-    print(f"{name:<24} {rate:>9.0f} resources/s  {len(latencies) / seconds:>7.1f} bundles/s  "
+    print(f"{name:<32} {rate:>9.0f} resources/s  {len(latencies) / seconds:>7.1f} bundles/s  "
           f"p50 {statistics.median(latencies) * 1000:>7.1f} ms  p99 {pct(latencies, 0.99):>7.1f} ms", flush=True)
     return rate
 
@@ -131,7 +148,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--kinds", default="batch,transaction")
     args = ap.parse_args()
-    measured = args.bundles * args.size  # the warm-up Bundle is not counted
+    measured = args.bundles * args.size  # the warm-up Bundles (one per client) are not counted
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -162,14 +179,18 @@ def main() -> None:
             wait_health(bbase, echo, folder / "none")
             wait_health(ebase, engine, elog)
             print(f"{args.bundles} Bundles of {args.size} resources, {args.clients} parallel clients", flush=True)
-            secs, lat = asyncio.run(post_all(bbase, "/fhir/meds", bundles(args.bundles + 1, args.size, "batch", "e"),
-                                             args.clients))
+            echo_bodies = bundles(args.bundles + args.clients, args.size, "batch", "e")
+            secs, lat = asyncio.run(post_all(bbase, "/fhir/meds", echo_bodies, args.clients))
             baseline = report("bare FastAPI echo", secs, lat, measured)
+            ceiling = validation_rate(bundles(args.bundles, args.size, "batch", "v"))
+            print(f"{'validation alone':<32} {ceiling:>9.0f} resources/s  (fhir.resources, one core, no I/O)",
+                  flush=True)
             for i, kind in enumerate(k for k in args.kinds.split(",") if k):
-                bodies = bundles(args.bundles + 1, args.size, kind, f"r{i}")
+                bodies = bundles(args.bundles + args.clients, args.size, kind, f"r{i}")
                 secs, lat = asyncio.run(post_all(ebase, "/fhir/meds", bodies, args.clients))
                 rate = report(f"engine, {kind}", secs, lat, measured)
-                print(f"{'':<24} ratio engine/echo {rate / baseline:.3f}", flush=True)
+                print(f"{'':<32} ratio engine/echo {rate / baseline:.3f}, engine/validation {rate / ceiling:.2f}",
+                      flush=True)
         finally:
             for proc in (engine, echo):
                 proc.terminate()

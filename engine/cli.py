@@ -193,7 +193,11 @@ def run(ctx: typer.Context, config: ConfigOpt = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await engine_app.start()
+        try:
+            await engine_app.start()
+        except OSError as exc:  # a port in use, an address not on this host: one line, not a traceback
+            await engine_app.stop()
+            _fail(f"cannot start: {exc.strerror or exc}")
         for what, ep in engine_app.endpoints():
             console.print(f"  {what:<16} {ep}", highlight=False)
         console.print("engine running; Ctrl-C stops it", highlight=False)
@@ -616,16 +620,18 @@ def messages_show(
         for w in warnings:
             console.print(Text.assemble("  ", ("warning", "yellow"), f" {terminal_text(_warning_line(w))}"),
                           highlight=False)
+    is_json = raw.lstrip()[:1] == b"{"  # a FHIR resource (or another JSON input): shown as it is
+    problem = ""
     try:
-        msg = Message.parse(raw)
+        msg = None if is_json else Message.parse(raw)
     except Exception as exc:
         msg = None
         problem = str(exc)
     console.rule("raw")
     _content(raw.decode(msg.codec if msg is not None else "utf-8", "surrogateescape"))
-    if msg is None:
+    if msg is None and not is_json:
         console.print(Text(f"(not parseable: {terminal_text(problem)})"), highlight=False)
-    else:
+    elif msg is not None:
         console.rule("segments")
         for seg in msg.segments():
             for i, value in enumerate(seg.fields[1:], start=1):

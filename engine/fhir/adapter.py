@@ -13,10 +13,11 @@ HTTP source turns into the response; on success the body sent back is the resour
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from pydantic import ValidationError
@@ -42,15 +43,19 @@ PARSE_ERROR = 100  # the body is not a JSON object: HTTP 400 (HL7 table 0357 has
 class FHIROptions(AdapterOptions):
     type: Literal["fhir"] = "fhir"
     version: FhirVersion = "R4B"
+    # an element the FHIR version does not define (an R5 element, a typo): dropped from validation
+    # with a warning (the resource is kept as received), or refused with 422
+    unknown_elements: Literal["warn", "refuse"] = "warn"
 
 
 class FHIRView:
     """The resource as received and validated (C5): `.resource`, and `get("subject.reference")`."""
 
-    __slots__ = ("resource",)
+    __slots__ = ("refusal", "resource")
 
     def __init__(self, resource: dict[str, Any]) -> None:
         self.resource = resource
+        self.refusal: ProcessingError | None = None  # found while parsing, raised by `check`
 
     def get(self, path: str) -> str:
         """A dotted path; a list gives its first item (or the item at a numeric step)."""
@@ -91,14 +96,18 @@ class HttpAnswer:
     status: int
     location: str = ""
     body: dict[str, Any] | None = None  # an OperationOutcome or a response Bundle; None: the resource itself
+    warnings: list[dict[str, Any]] = field(default_factory=list)  # OperationOutcome issues of severity warning
 
 
-def _envelope(status: int, *, location: str = "", body: dict[str, Any] | None = None) -> str:
+def _envelope(status: int, *, location: str = "", body: dict[str, Any] | None = None,
+              warnings: list[dict[str, Any]] | None = None) -> str:
     out: dict[str, Any] = {"http": status}
     if location:
         out["location"] = location
     if body is not None:
         out["body"] = body
+    if warnings:  # issues of severity warning, answered with a batch entry (element paths, no values)
+        out["warnings"] = warnings
     return json.dumps(out, separators=(",", ":"))
 
 
@@ -106,7 +115,8 @@ def read_answer(text: str | bytes) -> HttpAnswer:
     """The stored answer as the HTTP source sends it back."""
     try:
         data = json.loads(text)
-        return HttpAnswer(int(data["http"]), str(data.get("location", "")), data.get("body"))
+        return HttpAnswer(int(data["http"]), str(data.get("location", "")), data.get("body"),
+                          list(data.get("warnings") or []))
     except (ValueError, KeyError, TypeError):
         return HttpAnswer(500, body=operation_outcome("exception", "the stored answer cannot be read"))
 
@@ -193,42 +203,55 @@ class FHIRAdapter:
         self.options = options
 
     def parse(self, raw: bytes) -> Received:
+        """JSON and identity; validation too, so that unknown elements dropped on the way become the
+        unit's warnings (a refusal is kept on the view and raised by `check`, so the stored error
+        row has its type and control id)."""
         resource = _load(raw)
         patient = _reference(resource)
         if resource["resourceType"] == "Bundle":
             refs = {_reference(e["resource"]) for e in _entries(resource)
                     if isinstance(e, dict) and isinstance(e.get("resource"), dict)} - {""}
             patient = refs.pop() if len(refs) == 1 else ""
+        view = FHIRView(resource)
+        warnings: list[ProcessingWarning] = []
+        try:
+            self._validate_all(resource, warnings)
+        except FHIRInputError as exc:
+            view.refusal = exc
         return Received(
-            view=FHIRView(resource),
+            view=view,
             message_type=resource["resourceType"],
             control_id=_control_id(resource, raw),
             patient_id=patient,
+            warnings=warnings,
         )
 
     def check(self, unit: Received) -> None:
+        assert isinstance(unit.view, FHIRView)
+        if unit.view.refusal is not None:
+            raise unit.view.refusal
+
+    def _validate_all(self, resource: dict[str, Any], warnings: list[ProcessingWarning]) -> None:
         """fhir.resources validation, each resource once (a Bundle's entries each with its own
         class, then the Bundle without them: faster than through the Bundle, and the class is found
         once per type), and the status codes of required bindings fhir.resources does not enforce."""
-        assert isinstance(unit.view, FHIRView)
-        resource = unit.view.resource
         rtype = resource["resourceType"]
         if rtype != "Bundle":
-            self._validate(resource, rtype)
+            self._validate(resource, rtype, warnings)
             return
         skeleton_entries = []
         for i, entry in enumerate(_entries(resource)):
             inner = entry.get("resource") if isinstance(entry, dict) else None
             if isinstance(inner, dict):
-                self._validate(inner, f"Bundle.entry[{i}].resource")
+                self._validate(inner, f"Bundle.entry[{i}].resource", warnings)
                 entry = {k: v for k, v in entry.items() if k != "resource"}
             skeleton_entries.append(entry)
         skeleton = dict(resource)
         if "entry" in resource:
             skeleton["entry"] = skeleton_entries
-        self._validate(skeleton, "Bundle")
+        self._validate(skeleton, "Bundle", warnings)
 
-    def _validate(self, resource: dict[str, Any], where: str) -> None:
+    def _validate(self, resource: dict[str, Any], where: str, warnings: list[ProcessingWarning]) -> None:
         rtype = resource.get("resourceType")
         if not isinstance(rtype, str):
             raise FHIRInputError(f"{where}.resourceType is missing", REQUIRED_FIELD_MISSING, f"{where}.resourceType",
@@ -242,9 +265,22 @@ class FHIRAdapter:
         try:
             cls.model_validate(resource)
         except ValidationError as exc:
-            first = exc.errors()[0]
+            errors = exc.errors()
+            unknown = [e for e in errors if e.get("type") == "extra_forbidden"]
+            if unknown and len(unknown) == len(errors) and self.options.unknown_elements == "warn":
+                trimmed = copy.deepcopy(resource)
+                for e in unknown:
+                    _drop(trimmed, e.get("loc", ()))
+                self._validate(trimmed, where, [])  # what remains must be valid
+                for e in unknown:
+                    at = _fhirpath(where, e.get("loc", ()))
+                    warnings.append(ProcessingWarning(f"unknown element {at} ignored (not in FHIR "
+                                                      f"{self.options.version})", DATA_TYPE_ERROR, at))
+                return
+            real = [e for e in errors if e.get("type") != "extra_forbidden"] or errors
+            first = real[0]
             at = _fhirpath(where, first.get("loc", ()))
-            more = len(exc.errors()) - 1
+            more = len(errors) - 1
             text = f"{at}: {first.get('msg', 'invalid')}" + (f" (and {more} more)" if more else "")
             code = REQUIRED_FIELD_MISSING if first.get("type") == "missing" else DATA_TYPE_ERROR
             issue = "required" if code == REQUIRED_FIELD_MISSING else "value"
@@ -267,7 +303,7 @@ class FHIRAdapter:
                 return _envelope(200, body=_transaction_response(resource))
             if bundle_type == "batch":  # one without entries (a batch with entries is split)
                 return _envelope(200, body={"resourceType": "Bundle", "type": "batch-response", "entry": []})
-            return _envelope(201, location=location)
+            return _envelope(201, location=location, warnings=_warnings_outcome(warnings))
 
         return build
 
@@ -306,9 +342,23 @@ class FHIRAdapter:
                 response["location"] = ans.location
             if ans.body is not None and ans.body.get("resourceType") == "OperationOutcome":
                 response["outcome"] = ans.body
+            elif ans.warnings:
+                response["outcome"] = {"resourceType": "OperationOutcome", "issue": ans.warnings}
             entries.append({"response": response})
         bundle = {"resourceType": "Bundle", "type": "batch-response", "entry": entries}
         return _envelope(200, body=bundle).encode("utf-8")
+
+
+def _drop(node: Any, loc: Sequence[Any]) -> None:
+    """Remove the element at a pydantic error location from a (copied) resource."""
+    steps = [p for p in loc if not (isinstance(p, str) and p.startswith(("function-", "union[", "json-or-python")))]
+    for step in steps[:-1]:
+        try:
+            node = node[step]
+        except (KeyError, IndexError, TypeError):
+            return
+    if steps and isinstance(node, dict):
+        node.pop(steps[-1], None)
 
 
 def _check_status(resource: dict[str, Any], where: str) -> None:

@@ -36,6 +36,7 @@ COMPONENT_MODULES = [
     "engine.runtime.sources.fhir_poll",
     "engine.runtime.sources.dicom",
     "engine.runtime.destinations.fhir",
+    "engine.runtime.destinations.imagingstudy",
     "engine.runtime.destinations.file",
     "engine.runtime.destinations.mllp",
     "engine.runtime.destinations.worklist",
@@ -193,7 +194,27 @@ class EngineApp:
             coalesce=True,
             max_instances=1,
         )
+        self._start_pacs_poll()
         self.scheduler.start()
+
+    def _start_pacs_poll(self) -> None:
+        """Only while the channel that takes FOUND units runs (and a poll interval is set)."""
+        from zoneinfo import ZoneInfo
+
+        from engine.dicom.pacs import make_pacs
+        from engine.runtime.jobs_pacs import PacsPoll
+
+        p, cfg = self.config.engine.pacs, self.config.engine
+        channel = self.channels.get(p.channel)
+        if channel is None or p.poll_minutes <= 0:
+            return
+        poll = PacsPoll(
+            lambda: make_pacs(p.host, p.port, p.aet, p.qido_url, calling_aet=cfg.dicom.ae_title, timeout=p.timeout),
+            channel.pipeline, days=p.poll_days, engine_aet=cfg.dicom.ae_title, tz=ZoneInfo(cfg.timezone),
+            channel=p.channel,
+        )
+        self.scheduler.add_job(poll.run, "interval", minutes=p.poll_minutes, id="pacs-poll", coalesce=True,
+                               max_instances=1)
 
     async def stop(self) -> None:
         if self.http is not None:  # first: requests in flight finish and are answered

@@ -81,6 +81,19 @@ class DeliveryConfig(Strict):
     stall_seconds: float = 300.0  # a claim older than this belongs to a dead process: take it back
 
 
+class PacsConfig(Strict):
+    """The PACS the poll asks for studies that came without MPPS (the imagingstudy destination has its own)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(4242, ge=1, le=65535)
+    aet: str = Field("ORTHANC", min_length=1, max_length=16)
+    qido_url: str = ""  # set: QIDO-RS instead of C-FIND
+    timeout: float = Field(30.0, gt=0)
+    poll_minutes: float = Field(10.0, ge=0)  # 0: no poll
+    poll_days: int = Field(1, ge=0)  # StudyDate from this many days back to today
+    channel: str = "pacs-studies"  # where FOUND units go; the poll runs only while it does
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -121,6 +134,7 @@ class EngineConfig(Strict):
     dicom: DicomConfig = DicomConfig()
     worklist: WorklistConfig = WorklistConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    pacs: PacsConfig = PacsConfig()
     http: HttpConfig = HttpConfig()
 
 

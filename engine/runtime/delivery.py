@@ -114,12 +114,12 @@ class DeliveryWorker:
             return 0
         outcomes = await asyncio.gather(*(self._deliver(d) for d in claimed))
         attempts = [
-            queue.Attempt(d, o.ok, o.retry, o.response, o.error, o.retry_after)
+            queue.Attempt(d, o.ok, o.retry, o.response, o.error, o.retry_after, o.defer)
             for d, o in zip(claimed, outcomes, strict=True)
         ]
         states = await asyncio.to_thread(queue.record, self.db, attempts, self.policy)
         for d, o in zip(claimed, outcomes, strict=True):
-            if not o.ok:
+            if not o.ok and not o.defer:
                 log.warning(
                     "channel=%s delivery=%s destination=%s message=%s state=%s error=%s",
                     self.channel,
@@ -139,7 +139,8 @@ class DeliveryWorker:
             d.payload,
             d.ordering_key,
             d.content_type,
-            meta={"message_id": d.message_id, "delivery_id": d.id, "channel": self.channel},
+            meta={"message_id": d.message_id, "delivery_id": d.id, "channel": self.channel,
+                  "created_at": d.created_at, "attempts": d.attempts},
         )
         try:
             return await dest.deliver(payload)

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 FHIR_JSON = "application/fhir+json; charset=utf-8"
 MEDIA_TYPES = frozenset({"application/fhir+json", "application/json"})
 OPEN_PATHS = frozenset({"/health"})
+METRICS_TTL = 2.0  # seconds a /metrics answer is reused
 DRAIN_BYTES = 32 * 2**20  # a refused body up to this size is read and dropped; past it the connection closes
 
 Scope = MutableMapping[str, Any]
@@ -84,6 +85,7 @@ class HttpApp:
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
         self._sock: socket.socket | None = None
+        self._scraped: tuple[float, str] | None = None  # (loop time, text) of the last scrape
 
     # -- what sources and destinations register ----------------------------------------------
     def add_channel(self, name: str, receiver: Receiver, max_body_bytes: int | None = None) -> None:
@@ -125,9 +127,10 @@ class HttpApp:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(addr)
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            raise OSError(exc.errno, f"the HTTP listener cannot bind {cfg.host}:{cfg.port} ({exc.strerror}); "
+                                     "set HTTP_PORT to a free port") from None
         self._sock = sock
         if self.audit is not None:
             self.audit.start()
@@ -208,8 +211,13 @@ class HttpApp:
         return JSONResponse({"status": "ok", "channels": sorted(self.channels)})
 
     async def _metrics(self) -> Response:
-        text = await asyncio.to_thread(metrics.render, make_read_engine(self.db), Counter(self.requests))
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        """Counted in the store at most every METRICS_TTL seconds: a scrape scans the messages table,
+        and several scrapers (or a reload loop) must not make the store do it back to back."""
+        now = asyncio.get_running_loop().time()
+        if self._scraped is None or now - self._scraped[0] >= METRICS_TTL:
+            text = await asyncio.to_thread(metrics.render, make_read_engine(self.db), Counter(self.requests))
+            self._scraped = (now, text)
+        return PlainTextResponse(self._scraped[1], media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def _post(self, channel: str, request: Request) -> Response:
         return await self._write(request, channel, None, None)

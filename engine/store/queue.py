@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, and_, exists, select, update
@@ -58,6 +58,7 @@ class ClaimedDelivery:
     attempts: int
     payload: bytes
     content_type: str
+    created_at: datetime | None = None  # when the unit queued it (a destination that waits measures from here)
 
 
 def claim(
@@ -102,6 +103,7 @@ def claim(
                 DELIVERIES.c.attempts,
                 DELIVERIES.c.payload,
                 DELIVERIES.c.content_type,
+                DELIVERIES.c.created_at,
             )
         ).all()
     claimed = _opened(engine, [ClaimedDelivery(*row) for row in rows])
@@ -141,13 +143,15 @@ class Attempt:
     response: str = ""
     error: str = ""
     retry_after: float | None = None  # the remote's Retry-After: the back-off waits at least this long
+    defer: bool = False  # not ready yet (images still arriving): pending again after retry_after, no attempt spent
 
 
 def record(engine: Engine, attempts: list[Attempt], policy: RetryPolicy) -> dict[int, str]:
     """Record a group of attempts in one transaction; returns delivery id -> new state.
 
     A success is `done`; a retryable failure goes back to `pending` after a back-off, or `dead`
-    once the policy says so; a non-retryable failure is `dead` at once.
+    once the policy says so; a non-retryable failure is `dead` at once. A deferral goes back to
+    `pending` after `retry_after` seconds with `attempts` unchanged.
     """
     now = utcnow()
     states: dict[int, str] = {}
@@ -162,6 +166,10 @@ def record(engine: Engine, attempts: list[Attempt], policy: RetryPolicy) -> dict
             }
             if attempt.ok:
                 values["state"] = DeliveryState.DONE
+            elif attempt.defer:
+                values["attempts"] = attempt.delivery.attempts
+                values["state"] = DeliveryState.PENDING
+                values["next_attempt_at"] = now + timedelta(seconds=max(0.0, attempt.retry_after or policy.base))
             else:
                 wait = policy.decide(count) if attempt.retry else None
                 if wait is not None and attempt.retry_after is not None:

@@ -102,3 +102,23 @@ def test_batch_split_and_combine() -> None:
     assert combined.body["type"] == "batch-response"
     assert [e["response"]["status"] for e in combined.body["entry"]] == ["201 Created", "422 Unprocessable Entity"]
     assert "Patient" not in ok and "p1" not in ok  # the stored answer holds no content
+
+
+def test_unknown_elements_are_warnings_unless_refused() -> None:
+    a = adapter()
+    body = statement(renderedDosageInstruction="twice a day", dosage=[{"text": "2x", "sequenceX": 1}])
+    unit = a.parse(raw(body))
+    a.check(unit)  # accepted
+    assert sorted(w.location for w in unit.warnings) == ["MedicationStatement.dosage[0].sequenceX",
+                                                         "MedicationStatement.renderedDosageInstruction"]
+    assert "twice" not in " ".join(str(w) for w in unit.warnings)
+    assert isinstance(unit.view, FHIRView) and unit.view.resource["renderedDosageInstruction"] == "twice a day"
+    answer = read_answer(a.answer(unit)("processed", None, unit.warnings))
+    assert answer.status == 201 and [i["severity"] for i in answer.warnings] == ["warning", "warning"]
+    mixed = statement(renderedDosageInstruction="x", effectiveDateTime="not a date")
+    assert refusal(mixed).location == "MedicationStatement.effectiveDateTime"  # a real error still refuses
+    strict = FHIRAdapter(FHIROptions(unknown_elements="refuse"))
+    unit = strict.parse(raw(statement(renderedDosageInstruction="x")))
+    with pytest.raises(ProcessingError) as info:
+        strict.check(unit)
+    assert info.value.location == "MedicationStatement.renderedDosageInstruction"

@@ -76,3 +76,30 @@ async def test_shipped_configuration_takes_fhir_with_the_token(tmp_path: Path) -
         assert resp.status_code == 201 and resp.json()["id"] == "s1"
     finally:
         await app.stop()
+
+
+def test_the_shared_listener_is_one_endpoint_in_the_port_check(tmp_path: Path) -> None:
+    (tmp_path / "channels").mkdir()
+    (tmp_path / "engine.yaml").write_text("dicom: {enabled: false}\nhttp: {enabled: true, port: 18080}\n")
+    for name in ("a", "b"):  # two HTTP channels share the listener: no clash
+        (tmp_path / "channels" / f"{name}.yaml").write_text(f"name: {name}\nsource: {{type: http}}\n")
+    assert len(load_config(tmp_path / "engine.yaml", default_registry(), env={}).channels) == 2
+    (tmp_path / "channels" / "c.yaml").write_text("name: c\nsource: {type: mllp, port: 18080}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "engine.yaml", default_registry(), env={})
+    shown = [str(p) for p in info.value.problems]
+    assert shown == [s for s in shown if "port 18080 is also used by the HTTP listener" in s] and len(shown) == 1
+
+
+def test_engine_run_names_a_busy_http_port(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "engine", "run", "-c", str(ROOT / "engine.yaml")],
+                             env=_env(tmp_path, HTTP_PORT=str(port)), capture_output=True, text=True, timeout=120,
+                             cwd=ROOT)
+    assert run.returncode == 1
+    assert f"the HTTP listener cannot bind 127.0.0.1:{port}" in run.stderr and "Traceback" not in run.stderr

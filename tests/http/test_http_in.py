@@ -126,7 +126,8 @@ async def test_unknown_channel_path_mismatch_and_too_large(started: Any, med: Me
 async def test_batch_answers_each_entry(started: Any, med: Med) -> None:
     app, client = await started()
     bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
-        {"resource": med("b1"), "request": {"method": "PUT", "url": "MedicationRequest/b1"}},
+        {"resource": med("b1", renderedDosageInstruction="x"),  # an R5 element in an R4B resource
+         "request": {"method": "PUT", "url": "MedicationRequest/b1"}},
         {"resource": med("b2", authored="yesterday"), "request": {"method": "PUT", "url": "MedicationRequest/b2"}},
         {"resource": med("b3", status="completed"), "request": {"method": "PUT", "url": "MedicationRequest/b3"}},
     ]}
@@ -138,7 +139,13 @@ async def test_batch_answers_each_entry(started: Any, med: Med) -> None:
     assert statuses == ["201 Created", "422 Unprocessable Entity", "201 Created"]
     assert answer["entry"][1]["response"]["outcome"]["issue"][0]["expression"] == ["MedicationRequest.authoredOn"]
     assert answer["entry"][0]["response"]["location"] == "MedicationRequest/b1"
-    assert sorted(r["status"] for r in stored(app)) == ["error", "processed", "processed"]
+    warned = answer["entry"][0]["response"]["outcome"]["issue"]  # an unknown (R5) element: kept, warned
+    assert [(i["severity"], i["expression"]) for i in warned] == [
+        ("warning", ["MedicationRequest.renderedDosageInstruction"])]
+    rows = stored(app)
+    assert sorted(r["status"] for r in rows) == ["error", "processed", "processed"]
+    first = next(r for r in rows if r["control_id"].startswith("MedicationRequest/b1#"))
+    assert json.loads(first["warnings"])[0]["location"] == "MedicationRequest.renderedDosageInstruction"
 
 
 async def test_transaction_with_one_bad_entry_stores_nothing_as_processed(started: Any, med: Med) -> None:

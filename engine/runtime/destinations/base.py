@@ -72,6 +72,8 @@ class DeliveryOutcome:
     response: str = ""
     error: str = ""
     retry_after: float | None = None  # seconds the remote asked us to wait (HTTP Retry-After): a floor on the back-off
+    # not ready yet (the PACS still lacks images): pending again in retry_after seconds, no attempt spent
+    defer: bool = False
 
 
 @dataclass

@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 from zoneinfo import ZoneInfo
 
@@ -38,7 +39,9 @@ WINDOW_QUERIES: dict[str, list[str]] = {
     "MedicationAdministration": ["effective-time=ge{start}"],
     "MedicationStatement": ["effective=ge{start}", "status=active,intended"],
 }
-OVERLAP = timedelta(minutes=2)  # the watermark is set this far before the run began (clock skew, slow commits)
+# the watermark is set this far before the run began, by the server's clock (its Date header) when
+# it gives one: commits on the server still in flight when the search ran are asked for again
+OVERLAP = timedelta(minutes=2)
 
 
 class FhirPollConfig(SourceConfig):
@@ -149,7 +152,7 @@ class FhirPollSource:
         return searches
 
     async def _poll_type(self, rtype: str, since: str) -> int:
-        began = datetime.now(UTC)
+        began: datetime | None = None  # the server's time of the first search, else ours
         today = datetime.now(ZoneInfo(self.config.timezone))
         fetched = stored = pages = 0
         error = ""
@@ -160,7 +163,8 @@ class FhirPollSource:
                 for _ in range(self.config.max_pages):
                     if url is None:
                         break
-                    bundle = await self._get(url, query)
+                    bundle, served = await self._get(url, query)
+                    began = began or served
                     pages += 1
                     resources = [e["resource"] for e in bundle.get("entry") or []
                                  if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
@@ -170,7 +174,7 @@ class FhirPollSource:
         except PollError as exc:
             error = str(exc)
             log.warning("channel=%s poll of %s failed: %s", self.channel, rtype, error)
-        watermark = None if error else (began - OVERLAP).isoformat(timespec="seconds")
+        watermark = None if error else ((began or today) - OVERLAP).astimezone(UTC).isoformat(timespec="seconds")
         if self.db is not None:
             await asyncio.to_thread(poll_state.record_run, self.db, self.channel, rtype, since=watermark,
                                     fetched=fetched, stored=stored, pages=pages, error=error)
@@ -178,7 +182,9 @@ class FhirPollSource:
                  pages, f", failed: {error}" if error else "")
         return stored
 
-    async def _get(self, url: str, params: dict[str, str] | None) -> dict[str, Any]:
+    async def _get(self, url: str, params: dict[str, str] | None) -> tuple[dict[str, Any], datetime]:
+        """The search page, and when the server answered it (its Date header, else our clock)."""
+        asked = datetime.now(UTC)
         assert self.client is not None
         for attempt in (1, 2):
             try:
@@ -198,7 +204,7 @@ class FhirPollSource:
                 raise PollError("the answer is not JSON") from None
             if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
                 raise PollError("the answer is not a Bundle")
-            return body
+            return body, _server_time(resp.headers.get("date"), asked)
         raise PollError("HTTP 401")
 
     async def _hand_over(self, resources: list[dict[str, Any]]) -> int:
@@ -211,6 +217,15 @@ class FhirPollSource:
 
 class PollError(Exception):
     """A run could not finish: the text is a kind (HTTP status, exception class), never content."""
+
+
+def _server_time(header: str | None, fallback: datetime) -> datetime:
+    if header:
+        try:
+            return parsedate_to_datetime(header).astimezone(UTC)
+        except (TypeError, ValueError):
+            pass
+    return fallback
 
 
 def _next_link(bundle: dict[str, Any]) -> str | None:

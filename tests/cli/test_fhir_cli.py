@@ -1,4 +1,4 @@
-"""`engine messages polls`: where each polling source stands, from the poll_state table."""
+"""The CLI on the FHIR side: `engine messages polls` (poll_state) and `messages show` of a FHIR resource."""
 
 from __future__ import annotations
 
@@ -28,3 +28,18 @@ def test_polls_lists_progress_and_failures(cli: Any) -> None:
     dispense = next(r for r in rows if r["resource_type"] == "MedicationDispense")
     assert dispense["last_error"] == "HTTP 503" and dispense["last_ok_at"] is None and dispense["since"] == ""
     cli("messages", "polls", "--channel", "nosuch", *cfg, code=2)
+
+
+def test_show_prints_a_fhir_message_as_json(cli: Any) -> None:
+    from sqlalchemy import insert
+
+    from engine.store.models import Message
+
+    body = b'{"resourceType":"MedicationStatement","id":"x","status":"active"}'
+    with cli.db.begin() as conn:
+        mid = conn.execute(insert(Message.__table__).values(  # type: ignore[attr-defined]
+            channel="emr-medications", control_id="MedicationStatement/x#1", message_type="MedicationStatement",
+            raw=body, status="processed", error="", ack='{"http":201}', flags="", warnings="")).inserted_primary_key[0]
+    shown = cli("messages", "show", str(mid), "-c", str(Path(__file__).resolve().parents[2] / "engine.yaml"))
+    assert '"resourceType":"MedicationStatement"' in shown.stdout
+    assert "not parseable" not in shown.stdout and '{"http":201}' in shown.stdout
