@@ -40,7 +40,7 @@ from engine.errors import DATA_TYPE_ERROR, REQUIRED_FIELD_MISSING, ProcessingErr
 from engine.medrec.dates import zone
 from engine.medrec.reconcile import MedRecord, Reconciliation, reconcile
 from engine.medrec.rules import DEFAULT_HIERARCHY, DEFAULT_SYSTEMS, Rules
-from engine.medrec.sources import MEDICATION_TYPES, MedSource, SourceError, extract_all, patient_key
+from engine.medrec.sources import MedSource, SourceError, extract_all, patient_key
 from engine.runtime.destinations.base import RAW, DestinationConfig, Emitted, LocalDestination, MessageContext
 from engine.runtime.registry import Registry
 from engine.store import medrec as store
@@ -240,5 +240,3 @@ class MedrecDestination(LocalDestination):
 def register(registry: Registry) -> None:
     registry.add_destination("medrec", MedrecDestination)
 
-
-assert set(MEDICATION_TYPES) == set(DEFAULT_HIERARCHY)
