@@ -10,8 +10,8 @@ Phases, all in one run:
 - medrec: the same Bundles to a channel whose destination is `medrec` (also stored, and every
   resource reconciled into its patient's records in the unit's transaction);
 - list: GET /fhir/<channel>/List?patient=... for one patient with 60 resources;
-- in-process, no HTTP and no database: fhir.resources validation of the Bundles, and extraction +
-  reconciliation alone, to show where the time goes.
+- in-process, no HTTP: fhir.resources validation of the Bundles, extraction + reconciliation
+  alone, and the medrec destination's apply on a SQLite store, to show where the time goes.
 Prints resources/s for each, the ratio medrec/baseline, and the engine's resident and peak memory.
 """
 
@@ -119,6 +119,33 @@ async def get_lists(base: str, channel: str, n: int, clients: int) -> tuple[floa
     return time.perf_counter() - t0, sizes[0] if sizes else 0
 
 
+def with_store(bundles: list[dict[str, Any]], folder: Path) -> float:
+    """Resources/s through the medrec destination's apply on a SQLite store, no HTTP and no
+    validation, committing every 20 Bundles (the writer groups commits likewise)."""
+    from engine.runtime.destinations.base import MessageContext
+    from engine.runtime.destinations.medrec import MedrecDestination, MedrecDestinationConfig
+    from engine.store import crypto
+    from engine.store.db import init_db, make_engine
+
+    class View:
+        def __init__(self, resource: dict[str, Any]) -> None:
+            self.resource = resource
+
+    crypto.configure(crypto.Keyring(None))
+    db = make_engine(f"sqlite:///{folder / 'apply.db'}")
+    init_db(db)
+    dest = MedrecDestination(MedrecDestinationConfig(name="records", type="medrec"), base_dir=ROOT)
+    t0 = time.perf_counter()
+    with db.connect() as conn:
+        for start in range(0, len(bundles), 20):
+            with conn.begin():
+                for b in bundles[start:start + 20]:
+                    dest.apply(conn, MessageContext("bench", b"", View(b), "Bundle", "", "", datetime.now(UTC)), [])
+    rate = len(bundles) * PER_PATIENT / (time.perf_counter() - t0)
+    db.dispose()
+    return rate
+
+
 def in_process(bundles: list[dict[str, Any]]) -> tuple[float, float]:
     """(validations/s, reconciled resources/s) without HTTP or a database."""
     from engine.fhir.models import model_class
@@ -188,6 +215,8 @@ def main() -> None:
             engine.terminate()
             engine.wait(timeout=60)
     validate, rec = in_process(bundles[: min(len(bundles), 200)])
+    with tempfile.TemporaryDirectory() as tmp:
+        stored = with_store(bundles, Path(tmp))
 
     base_rate, med_rate = resources / secs_base, resources / secs_med
     print(f"baseline (stored only):      {base_rate:8.0f} resources/s  {len(bodies) / secs_base:6.1f} Bundles/s  "
@@ -199,7 +228,9 @@ def main() -> None:
     print(f"List requests (patient with {PER_PATIENT} resources, {size} records): "
           f"{args.lists / secs_list:.0f} lists/s")
     print(f"in-process, one core: fhir.resources validation {validate:.0f} resources/s; "
-          f"extraction + reconciliation {rec:.0f} resources/s")
+          f"extraction + reconciliation {rec:.0f} resources/s;\n"
+          f"  medrec apply on a SQLite store (sources, versions, records; a commit per 20 Bundles) "
+          f"{stored:.0f} resources/s")
     print(f"engine memory: {start_rss:.0f} MiB after warm-up, {rss_base:.0f} after baseline, "
           f"{rss_med:.0f} after medrec, {rss_end:.0f} after lists; peak {peak:.0f} MiB")
 
