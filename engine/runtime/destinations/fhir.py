@@ -107,7 +107,8 @@ class FhirDestination(QueuedDestination):
             verify=verify,
             follow_redirects=False,
         )
-        self.writer = FhirWriter(self.client, cfg.base_url, self.auth, mode=cfg.mode, guard_stale=cfg.stale_check)
+        self.writer = FhirWriter(self.client, cfg.base_url, self.auth, mode=cfg.mode, guard_stale=cfg.stale_check,
+                                 parallel=cfg.max_parallel)
 
     async def stop(self) -> None:
         if self.client is not None:
