@@ -51,22 +51,27 @@ class FhirWriter:
     pool, whose bookkeeping per queued request doubled the engine's CPU time per delivery)."""
 
     def __init__(self, client: httpx.AsyncClient, base_url: str, auth: Auth, *, mode: Mode, guard_stale: bool,
-                 parallel: int = 8):
+                 parallel: int = 8, imaging_study_lookup: bool = False):
         self.client = client
         self.base = base_url.rstrip("/")
         self.auth = auth
         self.mode = mode
         self.guard_stale = guard_stale
+        self.imaging_study_lookup = imaging_study_lookup
         self.slots = asyncio.Semaphore(parallel)
         self.lookups = Lookups(lambda url: self._send("GET", url))
 
     async def write(self, plan: Plan) -> WriteResult:
         try:
             versions: dict[str, tuple[str, str]] = {}
+            checks = []
             if self.guard_stale:
-                stale = await self._check_stale(plan, versions)
-                if stale is not None:
-                    return stale
+                checks.append(self._check_stale(plan, versions))
+            if self.imaging_study_lookup:
+                checks.append(self._imaging_study(plan))
+            for refused in await asyncio.gather(*checks):  # both reads at once (each grouped, see Lookups)
+                if refused is not None:
+                    return refused
             if self.mode == "transaction":
                 return await self._transaction(plan, versions)
             return await self._conditional(plan, versions)
@@ -125,6 +130,32 @@ class FhirWriter:
         vid = (current.get("meta") or {}).get("versionId")
         if current.get("id") and vid:
             versions[report.key] = (str(current["id"]), str(vid))
+        return None
+
+    # -- the study of the report -------------------------------------------------------------
+    async def _imaging_study(self, plan: Plan) -> WriteResult | None:
+        """DiagnosticReport.imagingStudy: the EMR's ImagingStudy of the report's accession number.
+
+        The RIS does not know the study's id on the EMR; the EMR does, by accession
+        (`ImagingStudy?identifier=<accession system>|<accession>`). None found: the report goes
+        without (the study may not have reached the EMR yet; a correction will pick it up).
+        """
+        report = plan.first("DiagnosticReport")
+        accession = accession_key(report.resource) if report is not None else ""
+        if report is None or not accession:
+            return None
+        ans, found = await self.lookups.find("ImagingStudy", accession)
+        if not ans.ok:
+            return self._failed("ImagingStudy search", ans)
+        refs = report.resource.setdefault("imagingStudy", [])
+        known = {r.get("reference") for r in refs if isinstance(r, dict)}
+        for study in found:
+            ref = f"ImagingStudy/{study.get('id')}"
+            if study.get("id") and ref not in known:
+                refs.append({"reference": ref})
+                known.add(ref)
+        if not refs:
+            del report.resource["imagingStudy"]
         return None
 
     # -- transaction ---------------------------------------------------------------------------
@@ -295,6 +326,20 @@ class Lookups:
                 if not found[k]:
                     answers[k] = await self._one(rtype, k)
         return answers
+
+
+ACCESSION_TYPE = "ACSN"  # HL7 table 0203: accession ID
+
+
+def accession_key(resource: dict[str, Any]) -> str:
+    """`system|value` of the identifier typed ACSN (v2-0203), as the shipped mapping writes OBR-18."""
+    for ident in resource.get("identifier") or []:
+        if not isinstance(ident, dict) or not ident.get("value"):
+            continue
+        codings = (ident.get("type") or {}).get("coding") or [] if isinstance(ident.get("type"), dict) else []
+        if any(isinstance(c, dict) and c.get("code") == ACCESSION_TYPE for c in codings):
+            return identifier_key(ident)
+    return ""
 
 
 def _groupable(key: str) -> bool:

@@ -61,6 +61,8 @@ class FhirDestinationConfig(DestinationConfig):
     max_parallel: int = Field(8, ge=1, le=64)  # requests in flight to the server
     order_by: Literal["patient", "destination", "none"] = "patient"
     stale_check: bool = True  # a late older report (OBR-22 / MSH-7) never overwrites a newer one
+    # DiagnosticReport.imagingStudy: look up ImagingStudy?identifier=<accession> on the EMR at delivery
+    imaging_study_lookup: bool = False
     verify_tls: bool = True
     ca_file: str = ""
     report: ReportConfig = ReportConfig()
@@ -108,7 +110,7 @@ class FhirDestination(QueuedDestination):
             follow_redirects=False,
         )
         self.writer = FhirWriter(self.client, cfg.base_url, self.auth, mode=cfg.mode, guard_stale=cfg.stale_check,
-                                 parallel=cfg.max_parallel)
+                                 parallel=cfg.max_parallel, imaging_study_lookup=cfg.imaging_study_lookup)
 
     async def stop(self) -> None:
         if self.client is not None:
