@@ -6,6 +6,9 @@ import base64
 import sys
 from typing import Any
 
+import httpx
+import pytest
+
 from engine.hl7.er7 import Message
 
 kit = sys.modules["fhir_servers"]  # loaded by conftest.py (tests are not a package)
@@ -13,6 +16,7 @@ oru, send, settled, uid = kit.oru, kit.send, kit.settled, kit.uid
 Sekmet = Any
 
 FILLER = "urn:oid:1.2.3.4.5.4"
+MRN = "urn:oid:1.2.3.4.5.1"
 
 
 def ack_code(reply: bytes) -> str:
@@ -151,3 +155,34 @@ async def test_conditional_mode_creates_the_patient_once(sekmet: Sekmet, engine_
     [obs] = sekmet.search("Observation", identifier=f"{FILLER}|{filler}-SIZE-1")
     assert obs["valueQuantity"]["value"] == 5 and obs["subject"]["reference"] == f"Patient/{patient['id']}"
     assert report["result"] == [{"reference": f"Observation/{obs['id']}"}]
+
+
+async def test_patient_conditional_the_emr_resolves_its_own_patient(sekmet: Sekmet, engine_at: Any,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """`patient: conditional`: the subject goes as `Patient?identifier=mrn|X`, which the EMR resolves to
+    the Patient it holds (transaction mode: the server; conditional mode: the engine asks first);
+    a patient the EMR does not know is a dead delivery with the server's answer, not a guess."""
+    known, unknown = "MRN" + uid(), "MRN" + uid()
+    resp = httpx.post(f"{sekmet.base_url}/Patient", headers={"Content-Type": "application/fhir+json"}, timeout=30,
+                      json={"resourceType": "Patient", "identifier": [{"system": MRN, "value": known}]})
+    assert resp.status_code == 201, resp.text
+    patient_id = resp.json()["id"]
+    fillers = {"transaction": uid(), "conditional": uid()}
+    lost = uid()
+    for mode, filler in fillers.items():
+        async with engine_at(sekmet.base_url, EMR_FHIR_MODE=mode, EMR_PATIENT_MODE="conditional") as app:
+            await send(app, oru(uid(), filler=filler, mrn=known, values=[("NM", "SIZE", "1", "3")]))
+            if mode == "transaction":
+                await send(app, oru(uid(), filler=lost, mrn=unknown))
+            rows = await settled(app, 2 if mode == "transaction" else 1)
+        assert rows[0].state == "done", rows[0].last_error
+        [report] = report_of(sekmet, filler)
+        assert report["subject"] == {"reference": f"Patient/{patient_id}"}
+        [obs] = sekmet.search("Observation", identifier=f"{FILLER}|{filler}-SIZE-1")
+        assert obs["subject"] == {"reference": f"Patient/{patient_id}"}
+        if mode == "transaction":
+            assert rows[1].state == "dead" and rows[1].last_error.startswith("HTTP 4"), rows[1].last_error
+            assert "http-404" in caplog.text or "http-4" in caplog.text
+            assert unknown not in caplog.text  # the server's text quotes the MRN: stored, never logged
+    assert sekmet.search("Patient", identifier=f"{MRN}|{unknown}") == []  # nothing created in that mode
+    assert report_of(sekmet, lost) == []
