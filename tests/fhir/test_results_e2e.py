@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+import json
 import sys
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from engine.hl7.er7 import Message
+from engine.store.models import Message as StoredMessage
 
 kit = sys.modules["fhir_servers"]  # loaded by conftest.py (tests are not a package)
 oru, send, settled, uid = kit.oru, kit.send, kit.settled, kit.uid
@@ -17,6 +20,7 @@ Sekmet = Any
 
 FILLER = "urn:oid:1.2.3.4.5.4"
 MRN = "urn:oid:1.2.3.4.5.1"
+MESSAGES = StoredMessage.__table__  # type: ignore[attr-defined]
 
 
 def ack_code(reply: bytes) -> str:
@@ -186,3 +190,25 @@ async def test_patient_conditional_the_emr_resolves_its_own_patient(sekmet: Sekm
             assert unknown not in caplog.text  # the server's text quotes the MRN: stored, never logged
     assert sekmet.search("Patient", identifier=f"{MRN}|{unknown}") == []  # nothing created in that mode
     assert report_of(sekmet, lost) == []
+
+
+async def test_an_obx_the_report_cannot_use_is_dropped_with_a_warning(sekmet: Sekmet, engine_at: Any) -> None:
+    filler, control = uid(), uid()
+    msg = oru(control, filler=filler, values=[("NM", "SIZE", "1", "7"), ("DT", "SCANDATE", "1", "20261125")])
+    async with engine_at(sekmet.base_url) as app:
+        [reply] = await send(app, msg)
+        rows = await settled(app, 1)
+        with app.db.connect() as conn:
+            (stored,) = conn.execute(select(MESSAGES.c.status, MESSAGES.c.warnings)
+                                     .where(MESSAGES.c.control_id == control)).all()
+    ack = Message.parse(reply)
+    assert ack.get("MSA-1") == "AA"
+    [err] = ack.segments("ERR")
+    assert err.fields[4] == "W" and err.fields[2].startswith("OBX^"), ack.text  # ERR-4 W, ERR-2 OBX-2
+    [warning] = json.loads(stored.warnings)
+    assert warning["location"] == "OBX-2" and "obx_value_types" in warning["text"]
+    assert "20261125" not in stored.warnings  # names the field, not the value
+    assert stored.status == "processed" and rows[0].state == "done", rows[0].last_error
+    [report] = report_of(sekmet, filler)
+    assert len(report["result"]) == 1  # the NM; the DT line made no Observation
+    assert sekmet.search("Observation", identifier=f"{FILLER}|{filler}-SCANDATE-1") == []
