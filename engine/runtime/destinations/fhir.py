@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import REQUIRED_FIELD_MISSING, ProcessingError
 from engine.fhir.client import Auth, AuthConfig
-from engine.fhir.models import FHIRValidationError, FhirVersion, validate_resource
+from engine.fhir.models import FHIRValidationError, FhirVersion, for_version, validate_resource
 from engine.fhir.resources import PatientMode, Plan, plan_resources
 from engine.fhir.results import ReportError, ReportOptions, build_report, is_report
 from engine.fhir.writer import FhirWriter, Mode
@@ -51,7 +51,7 @@ class ReportConfig(BaseModel):
 class FhirDestinationConfig(DestinationConfig):
     base_url: str
     mode: Mode = "transaction"  # transaction: one Bundle per output; conditional: one PUT per resource
-    fhir_version: FhirVersion = "R4B"
+    fhir_version: FhirVersion = "R4B"  # R5: fhir.resources' R5 models (ServiceRequest.code -> concept)
     # system names used by mappings -> URIs of this site (filler, placer, accession, mrn, practitioner ...)
     identifier_systems: dict[str, str] = {}
     patient: PatientMode = "identifier"  # identifier | conditional (server resolves) | create (If-None-Exist)
@@ -143,15 +143,17 @@ class FhirDestination(QueuedDestination):
                 raise ProcessingError(f"{self.name}: a fhir mapping output is a resource or a report{where}")
         except ReportError as exc:
             raise ProcessingError(f"{self.name}: {exc}{where}", REQUIRED_FIELD_MISSING) from None
+        version = self.config.fhir_version
         plan = plan_resources(resources, self.config.identifier_systems, self.config.patient, patient)
         for entry in plan.entries:
+            entry.resource = for_version(entry.resource, version)
             if not entry.key and not entry.create_only:
                 raise ProcessingError(
                     f"{self.name}: {entry.type} has no identifier, so it cannot be written idempotently{where}",
                     REQUIRED_FIELD_MISSING,
                 )
             try:
-                validate_resource(entry.resource, self.config.fhir_version)
+                validate_resource(entry.resource, version)
             except FHIRValidationError as exc:
                 raise ProcessingError(f"{self.name}: invalid FHIR {exc}{where}") from None
         return plan
