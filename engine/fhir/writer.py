@@ -309,7 +309,8 @@ class Lookups:
         if not complete:
             if ans.retry or ans.status in (401, 403):
                 return {k: (ans, []) for k in keys}  # the server is unwell or refuses us: the same for all
-            return {k: await self._one(rtype, k) for k in keys}  # not taken as one search: one by one
+            singles = await asyncio.gather(*(self._one(rtype, k) for k in keys))  # not taken as one: one by one
+            return dict(zip(keys, singles, strict=True))
         found: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
         unmatched = False
         for resource in _matches(ans, rtype):
@@ -322,9 +323,8 @@ class Lookups:
             unmatched = unmatched or not hits
         answers = {k: (ans, found[k]) for k in keys}
         if unmatched:  # the server matches identifiers more loosely than we do: ask it about the rest
-            for k in keys:
-                if not found[k]:
-                    answers[k] = await self._one(rtype, k)
+            rest = [k for k in keys if not found[k]]
+            answers.update(zip(rest, await asyncio.gather(*(self._one(rtype, k) for k in rest)), strict=True))
         return answers
 
 
