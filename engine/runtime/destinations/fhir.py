@@ -1,11 +1,14 @@
 """Deliver mapped resources to the EMR's FHIR server (queued).
 
 In the synchronous stage every resource is built, given its identifier systems and validated
-(fhir.resources R4B models, or R5); an invalid one refuses the message with the validation text
-and nothing is queued. One payload per mapping output (one report with its Observations, one
-ServiceRequest ...), ordered per patient by default, so a correction never overtakes its final.
+(fhir.resources R4B models, or R5; in full once per resource shape, see `engine.fhir.models`); an
+invalid one refuses the message with the validation text and nothing is queued. One payload per
+mapping output (one report with its Observations, one ServiceRequest ...), ordered per patient by
+default, so a correction never overtakes its final.
 Writes are idempotent (see `engine.fhir.writer`); 408/429/5xx, timeouts and connection errors
 are retried honouring Retry-After, any other 4xx goes `dead` with the server's OperationOutcome.
+One httpx client per destination (keep-alive, at most `max_parallel` requests in flight); with
+`imaging_study_lookup: true` a report references the EMR's ImagingStudy of its accession.
 """
 
 from __future__ import annotations
