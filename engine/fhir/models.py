@@ -86,6 +86,36 @@ def validate_resource(resource: dict[str, Any], version: FhirVersion = "R4B") ->
         raise FHIRValidationError(f"{rtype}.status: {shown} (one of {', '.join(sorted(codes))})")
 
 
+# Elements this engine writes that R5 renamed or retyped: (resource, R4 element) -> how to carry it
+def _concept(value: Any) -> Any:
+    return {"concept": value} if isinstance(value, dict) else value
+
+
+def _reasons(resource: dict[str, Any]) -> None:
+    """R4 reasonCode (CodeableConcept) + reasonReference (Reference) -> R5 reason (CodeableReference)."""
+    codes = resource.pop("reasonCode", None) or []
+    refs = resource.pop("reasonReference", None) or []
+    reasons = [{"concept": c} for c in codes if isinstance(c, dict)] + [{"reference": r} for r in refs
+                                                                        if isinstance(r, dict)]
+    if reasons:
+        resource["reason"] = [*(resource.get("reason") or []), *reasons]
+
+
+def for_version(resource: dict[str, Any], version: FhirVersion) -> dict[str, Any]:
+    """The resource as `version` spells it. Mappings are written in R4 terms; for R5 the few
+    elements of the engine's resources that R5 changed are carried over (ServiceRequest.code and
+    .reason became CodeableReference). Anything else R5 refuses is left for validation to report."""
+    if version != "R5" or resource.get("resourceType") != "ServiceRequest":
+        return resource
+    out = dict(resource)
+    code = out.get("code")
+    if isinstance(code, dict) and "concept" not in code and "reference" not in code:
+        out["code"] = _concept(code)
+    if "reasonCode" in out or "reasonReference" in out:
+        _reasons(out)
+    return out
+
+
 def describe(exc: ValidationError, limit: int = 5) -> str:
     """'a.b: message; ...' from a pydantic error, without the offending input values."""
     parts = []

@@ -55,6 +55,16 @@ def sekmet_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sekme
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def sekmet_with_basic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sekmet]:
+    server = Sekmet(tmp_path_factory.mktemp("sekmet-basic"), users={"engine": servers.PASSWORD})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def engine_yaml(tmp_path: Path, channels: Path = ROOT / "channels") -> Path:
     """The shipped engine.yaml with short back-off (tests never wait minutes) and no DICOM SCP."""
     text = (ROOT / "engine.yaml").read_text()

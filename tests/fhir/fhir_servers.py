@@ -9,6 +9,7 @@ reset, 400 with an OperationOutcome.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -30,6 +31,7 @@ from engine.store.models import Delivery
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-" + uuid.uuid4().hex  # the bearer token sekmet_with_auth accepts
+PASSWORD = "test-password-" + uuid.uuid4().hex  # user "engine"'s password on sekmet_with_basic
 
 
 def free_port() -> int:
@@ -41,16 +43,21 @@ def free_port() -> int:
 class Sekmet:
     """`sekmet serve` in a subprocess on a free port, with its own database."""
 
-    def __init__(self, folder: Path, *, tokens: list[str] | None = None) -> None:
+    def __init__(self, folder: Path, *, tokens: list[str] | None = None, users: dict[str, str] | None = None) -> None:
         self.folder = folder
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/fhir"
         self.tokens = tokens or []
+        self.users = users or {}  # HTTP Basic: username -> password
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        auth = {"types": ["bearer"], "tokens": self.tokens} if self.tokens else {"types": ["none"]}
+        auth: dict[str, Any] = {"types": ["none"]}
+        if self.tokens:
+            auth = {"types": ["bearer"], "tokens": self.tokens}
+        elif self.users:
+            auth = {"types": ["basic"], "users": self.users}
         settings = {
             "base_url": self.base_url,
             "host": "127.0.0.1",
@@ -93,6 +100,10 @@ class Sekmet:
                 self.proc.kill()
 
     def headers(self) -> dict[str, str]:
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            raw = base64.b64encode(f"{user}:{password}".encode()).decode()
+            return {"Authorization": f"Basic {raw}"}
         return {"Authorization": f"Bearer {self.tokens[0]}"} if self.tokens else {}
 
     def search(self, rtype: str, **params: str) -> list[dict[str, Any]]:
@@ -301,8 +312,6 @@ class TokenServer:
             self._server.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        import base64
-
         try:
             while True:
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")

@@ -85,9 +85,9 @@ def damaged(resource: dict[str, Any]) -> Iterator[dict[str, Any]]:
             yield copy_
 
 
-def models_accept(resource: dict[str, Any]) -> bool:
+def models_accept(resource: dict[str, Any], version: str = "R4B") -> bool:
     try:
-        model_class(resource["resourceType"]).model_validate(resource)
+        model_class(resource["resourceType"], version).model_validate(resource)
     except ValidationError:
         return False
     return True
@@ -101,14 +101,17 @@ def cache_accepts(validator: ShapeValidator, resource: dict[str, Any]) -> bool:
     return True
 
 
-@pytest.mark.parametrize("resource", shipped_resources(), ids=lambda r: str(r["resourceType"]))
-def test_the_cache_decides_as_the_models_do(resource: dict[str, Any]) -> None:
-    validator = ShapeValidator("R4B")
-    assert cache_accepts(validator, resource) and models_accept(resource)
+CASES = [(v, r) for v in ("R4B", "R5") for r in shipped_resources() if v == "R4B" or models_accept(r, "R5")]
+
+
+@pytest.mark.parametrize(("version", "resource"), CASES, ids=[f"{v}-{r['resourceType']}" for v, r in CASES])
+def test_the_cache_decides_as_the_models_do(version: Any, resource: dict[str, Any]) -> None:
+    validator = ShapeValidator(version)
+    assert cache_accepts(validator, resource) and models_accept(resource, version)
     checked = 0
     for bad in damaged(resource):
         validator.validate(copy.deepcopy(resource), resource["resourceType"])  # warm again (a clear may have run)
-        expected = models_accept(bad)
+        expected = models_accept(bad, version)
         assert cache_accepts(validator, bad) is expected, bad
         assert cache_accepts(validator, bad) is expected, bad  # and again, now that its own shape may be known
         checked += 1
