@@ -31,7 +31,7 @@ from engine.errors import (
     ProcessingError,
     ProcessingWarning,
 )
-from engine.fhir.models import STATUS_CODES, FHIRValidationError, FhirVersion, model_class
+from engine.fhir.models import STATUS_CODES, FHIRValidationError, FhirVersion, model_class, shape_validator
 from engine.inputs import AdapterOptions, AnswerBuilder, Outcome, Received
 
 __all__ = ["FHIRAdapter", "FHIROptions", "FHIRView", "HttpAnswer", "read_answer"]
@@ -262,8 +262,8 @@ class FHIRAdapter:
             at = "resourceType" if where == rtype else f"{where}.resourceType"
             raise FHIRInputError(f"{rtype} is not a FHIR {self.options.version} resource type",
                                  UNSUPPORTED_MESSAGE_TYPE, at, http=400, issue="not-supported") from None
-        try:
-            cls.model_validate(resource)
+        try:  # in full once per resource shape, then only its primitive values (engine.fhir.models)
+            shape_validator(self.options.version).validate(resource, rtype, lambda r, _t: cls.model_validate(r))
         except ValidationError as exc:
             errors = exc.errors()
             unknown = [e for e in errors if e.get("type") == "extra_forbidden"]

@@ -171,7 +171,11 @@ class ShapeValidator:
         self.checks: dict[Any, list[Check | None] | None] = {}  # shape -> a check per leaf; None: always in full
         self._adapters: dict[Any, Check] = {}
 
-    def validate(self, resource: dict[str, Any], rtype: str) -> None:
+    def validate(
+        self, resource: dict[str, Any], rtype: str, full: Callable[[dict[str, Any], str], None] | None = None
+    ) -> None:
+        """`full` is the in-full validation (default: raise FHIRValidationError with the library's
+        text); a caller that reads the pydantic errors itself (the FHIR input adapter) passes its own."""
         tokens: list[Any] = []
         leaves: list[Any] = []
         shape_of(resource, tokens, leaves)
@@ -185,7 +189,7 @@ class ShapeValidator:
                 return
             except Exception:  # noqa: BLE001 - whatever a value check raises, the models decide below
                 pass  # and the full validation gives the library's own error text
-        self._full(resource, rtype)
+        (full or self._full)(resource, rtype)
         if shape not in self.checks:
             if len(self.checks) >= SHAPES_KEPT:
                 self.checks.clear()
@@ -282,3 +286,8 @@ def _unwrap(annotation: Any) -> tuple[Any, bool]:
 
 
 _VALIDATORS: dict[str, ShapeValidator] = {"R4B": ShapeValidator("R4B"), "R5": ShapeValidator("R5")}
+
+
+def shape_validator(version: FhirVersion = "R4B") -> ShapeValidator:
+    """The process's shape cache for `version` (shared by the builders and the FHIR input adapter)."""
+    return _VALIDATORS[version]
