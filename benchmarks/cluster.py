@@ -88,7 +88,8 @@ def _recv(sock: object) -> bytes:
 def write_config(folder: Path) -> Path:
     (folder / "channels").mkdir(parents=True)
     (folder / "engine.yaml").write_text(
-        "storage:\n  url: ${ENGINE_STORAGE_URL}\ndicom:\n  enabled: false\nlog_level: WARNING\n"
+        "storage:\n  url: ${ENGINE_STORAGE_URL}\ndicom:\n  enabled: false\nhttp:\n  enabled: false\n"
+        "log_level: WARNING\n"
         "cluster:\n  enabled: true\n  node_name: ${ENGINE_NODE_NAME}\n  heartbeat_seconds: 0.5\n  lease_seconds: 3\n"
     )
     (folder / "channels" / "bench.yaml").write_text(

@@ -78,6 +78,8 @@ def engine_env(folder: Path, mllp_port: int, dicom_port: int, log_level: str) ->
             "ENGINE_STORAGE_URL": f"sqlite:///{folder / 'engine.db'}",
             "ORDERS_MLLP_PORT": str(mllp_port),
             "DICOM_PORT": str(dicom_port),
+            "HTTP_PORT": "0",
+            "MEDS_ARCHIVE_DIR": str(folder / "meds-archive"),
             "DICOM_AET": AET,
             "ORDERS_ARCHIVE_DIR": str(folder / "archive"),
             "ENGINE_LOG_LEVEL": log_level,

@@ -199,6 +199,9 @@ def run(ctx: typer.Context, config: ConfigOpt = None) -> None:
         except ClusterError as exc:  # another process owns the store: say so, start nothing
             await engine_app.stop()
             _fail(str(exc))
+        except OSError as exc:  # a port in use, an address not on this host: one line, not a traceback
+            await engine_app.stop()
+            _fail(f"cannot start: {exc.strerror or exc}")
         for what, ep in engine_app.endpoints():
             console.print(f"  {what:<16} {ep}", highlight=False)
         console.print("engine running; Ctrl-C stops it", highlight=False)
@@ -621,16 +624,18 @@ def messages_show(
         for w in warnings:
             console.print(Text.assemble("  ", ("warning", "yellow"), f" {terminal_text(_warning_line(w))}"),
                           highlight=False)
+    is_json = raw.lstrip()[:1] == b"{"  # a FHIR resource (or another JSON input): shown as it is
+    problem = ""
     try:
-        msg = Message.parse(raw)
+        msg = None if is_json else Message.parse(raw)
     except Exception as exc:
         msg = None
         problem = str(exc)
     console.rule("raw")
     _content(raw.decode(msg.codec if msg is not None else "utf-8", "surrogateescape"))
-    if msg is None:
+    if msg is None and not is_json:
         console.print(Text(f"(not parseable: {terminal_text(problem)})"), highlight=False)
-    else:
+    elif msg is not None:
         console.rule("segments")
         for seg in msg.segments():
             for i, value in enumerate(seg.fields[1:], start=1):
@@ -657,6 +662,41 @@ def messages_show(
     console.print(table)
     for line in resent:  # went out again after a crash: the receiver may have it twice
         console.print(Text(terminal_text(line)), highlight=False)
+
+
+@messages_app.command("polls")
+def messages_polls(
+    ctx: typer.Context,
+    channel: Annotated[str | None, typer.Option("--channel", help="a polling channel, e.g. emr-medications-poll")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Where each polling source stands: last run, last success, what it fetched, its watermark."""
+    from engine.store.poll_state import load_states
+
+    db, loaded = _db(_config_path(ctx, config))
+    _check_channel(db, loaded, channel)
+    rows = load_states(db, channel)
+    if as_json:
+        for row in rows:
+            for key in ("last_run_at", "last_ok_at"):
+                row[key] = row[key].isoformat() if row[key] is not None else None
+            sys.stdout.write(json.dumps(row) + "\n")
+        return
+    table = Table("channel", "resource", "last run (UTC)", "last success (UTC)", "runs", "fetched", "new", "pages",
+                  "since", "error")
+
+    def when(value: datetime | None) -> str:
+        return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else ""
+
+    for r in rows:
+        table.add_row(_cell(r["channel"]), _cell(r["resource_type"]), when(r["last_run_at"]), when(r["last_ok_at"]),
+                      str(r["runs"]), str(r["fetched"]), str(r["stored"]), str(r["pages"]), _cell(r["since"]),
+                      _cell(r["last_error"][:60]))
+    console.print(table)
+    if not rows:
+        console.print("no poll has run yet", highlight=False)
 
 
 @messages_app.command("replay")
@@ -748,6 +788,72 @@ def worklist(
                                                           "sps_start_time", "modality", "station_aet", "status")),
                       _cell(r["filler_order"] or r["placer_order"]))
     console.print(table)
+
+
+# -- medication lists ---------------------------------------------------------------------------
+def _medrec_destination(loaded: Any, channel: str | None) -> tuple[str, Any]:
+    """(channel, built `medrec` destination) of the named channel, or of the only one that has one."""
+    from engine.runtime.app import default_registry
+
+    found = [(spec.config.name, d) for spec in loaded.channels for d in spec.destinations if d.type == "medrec"
+             and (channel is None or spec.config.name == channel)]
+    if not found:
+        _fail(f"channel {channel} has no medrec destination" if channel else "no channel has a medrec destination")
+    if len({getattr(d, "list_name", "") or name for name, d in found}) > 1:
+        _fail("several channels keep medication lists: name one with --channel")
+    name, config = found[0]
+    return name, default_registry().build_destination(config, loaded.base_dir)
+
+
+@app.command("medrec")
+def medrec_cmd(
+    ctx: typer.Context,
+    patient: Annotated[str, typer.Argument(help="patient id (123, Patient/123) as the EMR references it")],
+    as_of: Annotated[str | None, typer.Option("--as-of", help="the list as it was on this day: 2026-11-25")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the records (and exclusions) as one JSON object")] = False,
+    explain: Annotated[bool, typer.Option("--explain", help="also list each resource left out, and why")] = False,
+    channel: Annotated[str | None, typer.Option("--channel", help="channel (default: the one with medrec)")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Print a patient's reconciled medication list (one line per medication)."""
+    from engine.runtime.destinations.medrec import patient_param
+
+    day = None
+    if as_of is not None:
+        try:
+            day = date.fromisoformat(as_of)
+        except ValueError:
+            raise typer.BadParameter("expected a date like 2026-11-25", param_hint="--as-of") from None
+    from engine.store.db import make_read_engine
+
+    db, loaded = _db(_config_path(ctx, config))
+    name, dest = _medrec_destination(loaded, channel)
+    key = patient_param(patient)
+    with make_read_engine(db).connect() as conn:  # a snapshot: never waits for a running engine's writer
+        result = dest.reconciliation(conn, name, key, day, explain=explain)
+    if as_json:
+        out: dict[str, Any] = {"patient": key, "day": result.day.isoformat(),
+                               "records": [r.as_dict() for r in result.records]}
+        if explain:
+            out["excluded"] = [{"type": e.resource_type, "id": e.id, "status": e.status,
+                                "date": e.date.isoformat() if e.date else None, "reason": e.reason}
+                               for e in result.excluded]
+        sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
+        return
+    table = Table("medication", "last date", "sources", "status", title=f"{key} on {result.day.isoformat()}")
+    for r in result.records:
+        sources = ", ".join(f"{s['type'].removeprefix('Medication')} {s['id']} {s['date'] or '-'}" for s in r.sources)
+        shown = r.display or ("(unmatched: no code or reference)" if r.unmatched else r.key)
+        table.add_row(_cell(shown), _cell(r.date.isoformat() if r.date else "-"), _cell(sources), _cell(r.status))
+    console.print(table)
+    if not result.records:
+        console.print("no medication within the window", highlight=False)
+    if explain:
+        left = Table("left out", "date", "status", "why", title="not on the list")
+        for e in result.excluded:
+            left.add_row(_cell(f"{e.resource_type}/{e.id}"), _cell(e.date.isoformat() if e.date else "-"),
+                         _cell(e.status), _cell(e.reason))
+        console.print(left)
 
 
 # -- keys ---------------------------------------------------------------------------------------

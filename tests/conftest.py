@@ -76,6 +76,7 @@ def engine_env(tmp_path: Path, storage_url: str | None = None) -> dict[str, str]
         "HTTP_PORT": "0",
         "ORDERS_ARCHIVE_DIR": str(tmp_path / "archive"),
         "RESULTS_OUTBOX_DIR": str(tmp_path / "outbox"),
+        "MEDS_ARCHIVE_DIR": str(tmp_path / "meds-archive"),
     })
     return env
 

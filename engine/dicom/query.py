@@ -115,10 +115,16 @@ def prepare(identifier: Dataset, *, caller_aet: str = "", station_from_caller: b
     return query
 
 
+# the row's status as the SPS Status (0040,0020) defined term: a step the modality began
+# (MPPS IN PROGRESS) is STARTED
+_SPS_STATUS_TERM = {"IN PROGRESS": "STARTED"}
+
+
 def _with_status(item: dict[str, Any], status: str) -> dict[str, Any]:
+    term = _SPS_STATUS_TERM.get(status, status)
     for step in item.get(SPS_SEQ) or []:
         if isinstance(step, dict):
-            step["ScheduledProcedureStepStatus"] = status
+            step["ScheduledProcedureStepStatus"] = term
     return item
 
 

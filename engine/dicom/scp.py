@@ -31,12 +31,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pydicom import config as pydicom_config
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event, EventHandlerType, EventType, InterventionEvent
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine
 
 from engine.dicom.slots import AssociationSlots, SlotRefused
+from engine.inputs import Outcome
 
 __all__ = [
     "DicomApplication",
@@ -65,11 +67,15 @@ ASSOCIATION_EVENTS = frozenset({evt.EVT_ASYNC_OPS, evt.EVT_SOP_COMMON, evt.EVT_S
 
 
 def quiet_pynetdicom() -> None:
-    """pynetdicom logs (and decodes twice to log) identifiers, which hold PHI: switch that off process-wide."""
+    """pynetdicom logs (and decodes twice to log) identifiers, which hold PHI: switch that off process-wide
+    (and pydicom's warnings that quote invalid values)."""
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pydicom warns with the value when it reads one invalid for its VR (a birth date is PHI);
+    # the engine judges values itself
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 
 def set_nodelay(sock: Any) -> None:
@@ -134,10 +140,13 @@ class ServiceConflict(ValueError):
 
 @dataclass(frozen=True)
 class ServiceContext:
-    """What the engine hands a service factory: the store and the `dicom:` settings of engine.yaml."""
+    """What the engine hands a service factory: the store, the `dicom:` settings of engine.yaml and,
+    when a channel takes DICOM units (MPPS), `submit`: runs one raw unit (C1) through that channel
+    and returns its committed outcome (called from pynetdicom's threads, it blocks)."""
 
     db: Engine | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
+    submit: Callable[[bytes], Outcome] | None = None
 
 
 ServiceFactory = Callable[[ServiceContext], DicomService]

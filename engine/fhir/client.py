@@ -15,6 +15,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
 import httpx
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 FHIR_JSON = "application/fhir+json"
@@ -108,7 +109,7 @@ class Answer:
     ok: bool
     retry: bool
     retry_after: float | None
-    text: str  # the body as text (OperationOutcome), for `engine messages show`
+    text: str  # the body as text (OperationOutcome) of a failure, for `engine messages show`; "" on success
 
     @property
     def diagnostics(self) -> str:
@@ -116,16 +117,25 @@ class Answer:
 
 
 def judge(resp: httpx.Response, *, if_match: bool = False) -> Answer:
-    """2xx ok; 408/429/5xx (and 412 on a version we sent) retry, honouring Retry-After; other 4xx dead."""
+    """2xx ok; 408/429/5xx (and 412 on a version we sent) retry, honouring Retry-After; other 4xx dead.
+
+    The body is parsed once, from its bytes; its text is kept only for a failure (that is what
+    `engine messages show` shows), not for every success.
+    """
     status = resp.status_code
-    text = resp.text
-    try:
-        body = resp.json() if text.strip() else None
-    except (ValueError, json.JSONDecodeError):
-        body = None
+    content = resp.content
+    body: Any = None
+    if content.strip():
+        try:
+            body = pydantic_core.from_json(content)
+        except ValueError:
+            try:  # not UTF-8 JSON: let httpx find the charset
+                body = resp.json()
+            except (ValueError, json.JSONDecodeError):
+                body = None
     ok = 200 <= status < 300
     retry = status in RETRY_STATUSES or (status == 412 and if_match)
-    return Answer(status, body, ok, retry, retry_after(resp.headers.get("retry-after")), text)
+    return Answer(status, body, ok, retry, retry_after(resp.headers.get("retry-after")), "" if ok else resp.text)
 
 
 def retry_after(value: str | None) -> float | None:

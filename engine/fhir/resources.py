@@ -77,20 +77,27 @@ def resolve_systems(node: Any, systems: dict[str, str]) -> Any:
         return node
     out_d: dict[str, Any] = {}
     for key, value in node.items():
+        vkind = value.__class__
         if key == "identifier":
             value = _identifiers(value, systems)
             if value is None:
                 continue
-        elif key == "reference" and isinstance(value, str) and "?identifier=" in value:
-            head, _, ident = value.partition("?identifier=")
-            system, bar, rest = ident.partition("|")
-            value = f"{head}?identifier={_system(system, systems)}{bar}{rest}" if bar else value
-        else:
-            value = resolve_systems(value, systems)
-            if value is _DROP or value is None or (value.__class__ in (str, list, dict) and not value):
+        elif vkind is str:  # the common case, no recursion
+            if not value:
                 continue
+            if key == "reference" and "?identifier=" in value:
+                head, _, ident = value.partition("?identifier=")
+                system, bar, rest = ident.partition("|")
+                if bar:
+                    value = f"{head}?identifier={_system(system, systems)}{bar}{rest}"
+        elif isinstance(value, dict | list):
+            value = resolve_systems(value, systems)
+            if value is _DROP or not value:
+                continue
+        elif value is None:
+            continue
         out_d[key] = value
-    if set(out_d) <= {"type", "display"} and "identifier" in node and "display" not in out_d:
+    if "identifier" in node and "display" not in out_d and out_d.keys() <= {"type", "display"}:
         return _DROP  # a logical reference whose identifier came out empty: no reference at all
     return out_d
 

@@ -1,5 +1,5 @@
 """The running engine: one store, one writer, the channels' sources, the delivery workers, the
-DICOM SCP and the scheduled jobs, started and stopped together."""
+DICOM SCP, the HTTP listener and the scheduled jobs, started and stopped together."""
 
 from __future__ import annotations
 
@@ -12,11 +12,15 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from engine.dicom.adapter import DicomAdapter
+from engine.fhir.adapter import FHIRAdapter
 from engine.hl7.adapter import HL7Adapter
+from engine.inputs import InputAdapter
 from engine.runtime.cluster import Cluster
 from engine.runtime.config import ChannelSpec, LoadedConfig
 from engine.runtime.delivery import DeliveryWorker
 from engine.runtime.destinations.base import QueuedDestination
+from engine.runtime.http_app import HttpApp
 from engine.runtime.pipeline import Pipeline
 from engine.runtime.registry import Registry
 from engine.runtime.sources.base import Endpoint, Source
@@ -29,15 +33,21 @@ log = logging.getLogger(__name__)
 # Each module registers its component(s) with `register(registry)`.
 COMPONENT_MODULES = [
     "engine.runtime.sources.mllp",
+    "engine.runtime.sources.http",
+    "engine.runtime.sources.fhir_poll",
+    "engine.runtime.sources.dicom",
     "engine.runtime.destinations.fhir",
+    "engine.runtime.destinations.imagingstudy",
     "engine.runtime.destinations.file",
     "engine.runtime.destinations.mllp",
     "engine.runtime.destinations.worklist",
+    "engine.runtime.destinations.medrec",
+    "engine.runtime.destinations.steps",
 ]
 
 
 # One adapter per input kind; each lives with its protocol (which may not import the runtime).
-ADAPTERS = [HL7Adapter]
+ADAPTERS: list[type[InputAdapter]] = [HL7Adapter, FHIRAdapter, DicomAdapter]
 
 
 def default_registry() -> Registry:
@@ -66,6 +76,7 @@ class EngineApp:
     channels: dict[str, RunningChannel] = field(default_factory=dict)
     scp: Any = None
     scheduler: Any = None
+    http: HttpApp | None = None
     cluster: Cluster | None = None
 
     async def start(self) -> None:
@@ -85,9 +96,15 @@ class EngineApp:
         policy = queue.RetryPolicy(
             cfg.delivery.max_attempts, cfg.delivery.backoff_base_seconds, cfg.delivery.backoff_cap_seconds
         )
+        if cfg.http.enabled:
+            self.http = HttpApp(cfg.http, self.db)
         for spec in self.config.channels:
             if spec.config.enabled:
                 await self._start_channel(spec, policy)
+        if self.http is not None:  # after the channels: their routes and read routers are known
+            await self.http.start()
+            log.info("HTTP listener on %s (channels: %s)", self.http.endpoint(), ", ".join(sorted(self.http.channels))
+                     or "none")
         if cfg.dicom.enabled:
             self._start_scp()
         self._start_jobs()
@@ -99,6 +116,16 @@ class EngineApp:
         for dest in pipeline.destinations:
             await dest.start()
         source = self.registry.build_source(spec.source, pipeline)
+        name = spec.config.name
+        if self.http is not None:
+            for dest in pipeline.destinations:  # C6: read routes a destination serves (medication lists)
+                router = getattr(dest, "http_router", None)
+                if router is not None:
+                    self.http.include(router(self.db, name))
+            if hasattr(source, "bind_http"):
+                source.bind_http(self.http, name)
+        if hasattr(source, "bind_store"):  # a poller keeps its progress in the store
+            source.bind_store(self.db, name)
         queued = {d.name: d for d in pipeline.destinations if isinstance(d, QueuedDestination)}
         worker = None
         if queued:
@@ -113,18 +140,22 @@ class EngineApp:
             worker.start()
             pipeline.on_queued = worker.poke
         await source.start()
-        self.channels[spec.config.name] = RunningChannel(spec, pipeline, source, worker)
-        for ep in source.endpoints():
-            log.info("channel %s (%s) listening on %s", spec.config.name, spec.input.type, ep)
+        self.channels[name] = RunningChannel(spec, pipeline, source, worker)
+        if not getattr(source, "uses_http_app", False):  # HTTP channels are named when the listener is up
+            for ep in source.endpoints():
+                log.info("channel %s (%s) listening on %s", name, spec.input.type, ep)
 
     def _start_scp(self) -> None:
         from engine.dicom.scp import DicomApplication, DicomTimeouts, ServiceContext
-        from engine.dicom.services import DEFAULT_SERVICES, default_registry
+        from engine.dicom.services import CHANNEL_SERVICES, DEFAULT_SERVICES, default_registry
         from engine.hl7.mllp import server_ssl_context  # plain TLS set-up, shared with MLLP
+        from engine.runtime.sources.dicom import channel_submitter
 
         d = self.config.engine.dicom
         assert self.db is not None
-        services = default_registry().build(DEFAULT_SERVICES, ServiceContext(self.db, d.model_dump()))
+        submit = channel_submitter({name: ch.source for name, ch in self.channels.items()})
+        names = DEFAULT_SERVICES + (CHANNEL_SERVICES if submit is not None else ())  # MPPS only with its channel
+        services = default_registry().build(names, ServiceContext(self.db, d.model_dump(), submit))
         tls = None
         if d.tls is not None:
             base = self.config.base_dir
@@ -168,9 +199,33 @@ class EngineApp:
             max_instances=1,
         )
         self.cluster.add_jobs(self.scheduler, timedelta(hours=self.config.engine.storage.dedupe_window_hours))
+        self._start_pacs_poll()
         self.scheduler.start()
 
+    def _start_pacs_poll(self) -> None:
+        """Only while the channel that takes FOUND units runs (and a poll interval is set)."""
+        from zoneinfo import ZoneInfo
+
+        from engine.dicom.pacs import make_pacs
+        from engine.runtime.jobs_pacs import PacsPoll
+
+        p, cfg = self.config.engine.pacs, self.config.engine
+        channel = self.channels.get(p.channel)
+        if channel is None or p.poll_minutes <= 0:
+            return
+        poll = PacsPoll(
+            lambda: make_pacs(p.host, p.port, p.aet, p.qido_url, calling_aet=cfg.dicom.ae_title, timeout=p.timeout),
+            channel.pipeline, days=p.poll_days, engine_aet=cfg.dicom.ae_title, tz=ZoneInfo(cfg.timezone),
+            channel=p.channel,
+        )
+        assert self.cluster is not None
+        self.scheduler.add_job(self.cluster.leader_only("pacs-poll", poll.run), "interval", minutes=p.poll_minutes,
+                               id="pacs-poll", coalesce=True, max_instances=1)
+
     async def stop(self) -> None:
+        if self.http is not None:  # first: requests in flight finish and are answered
+            await self.http.stop()
+            self.http = None
         for ch in self.channels.values():
             await ch.source.stop()
         for ch in self.channels.values():
@@ -178,16 +233,20 @@ class EngineApp:
                 await ch.worker.stop()
             for dest in ch.pipeline.destinations:
                 await dest.stop()
+        self.channels = {}
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
+            self.scheduler = None
         if self.scp is not None:
             self.scp.stop()
+            self.scp = None
         if self.writer is not None:
             await asyncio.to_thread(self.writer.stop)
+            self.writer = None
         if self.cluster is not None:
             await self.cluster.leave()
         if self.db is not None:
-            self.db.dispose()
+            self.db.dispose()  # the engine stays usable for reading afterwards (tests, the CLI)
 
     def port_of(self, channel: str) -> int:
         """The first bound port of the channel's source (tests and the banner use it)."""
@@ -199,4 +258,6 @@ class EngineApp:
         if self.scp is not None:
             d = self.config.engine.dicom
             found.append((f"DICOM {d.ae_title}", Endpoint("dicom", d.host, int(self.scp.port))))
+        if self.http is not None:
+            found.append(("HTTP (health)", self.http.endpoint()))
         return found

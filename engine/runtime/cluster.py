@@ -18,7 +18,7 @@ import socket
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import Engine
 
@@ -29,7 +29,6 @@ __all__ = ["Cluster", "ClusterError"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 
 class ClusterError(Exception):
@@ -133,18 +132,31 @@ class Cluster:
     def is_leader(self) -> bool:
         return time.monotonic() < self._leader_until
 
-    def leader_only(self, job: str, fn: Callable[..., T]) -> Callable[..., T | None]:
-        """`fn` wrapped to run only while this node leads (every node schedules it; one runs it)."""
+    def leader_only(self, job: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn` (a function or a coroutine function) wrapped to run only while this node leads:
+        every node schedules the job, the leader runs it."""
+        if asyncio.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def run_async(*args: Any, **kwargs: Any) -> Any:
+                if self._may_run(job):
+                    return await fn(*args, **kwargs)
+                return None
+
+            return run_async
 
         @functools.wraps(fn)
-        def run(*args: Any, **kwargs: Any) -> T | None:
-            if not self.is_leader:
-                log.debug("job %s skipped: node %s is not the leader", job, self.name)
-                return None
-            log.info("job %s runs on node %s (leader)", job, self.name)
-            return fn(*args, **kwargs)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs) if self._may_run(job) else None
 
         return run
+
+    def _may_run(self, job: str) -> bool:
+        if not self.is_leader:
+            log.debug("job %s skipped: node %s is not the leader", job, self.name)
+            return False
+        log.info("job %s runs on node %s (leader)", job, self.name)
+        return True
 
     def add_jobs(self, scheduler: Any, dedupe_window: timedelta) -> None:
         """The store's own housekeeping, on the leader: dedupe keys older than the window go."""

@@ -8,13 +8,14 @@ by the registered class's own model) and each mapping file the channels name.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.configfile import ConfigError, Problem, YamlDocument, read_yaml, validate
 from engine.inputs import AdapterOptions
@@ -96,6 +97,50 @@ class ClusterConfig(Strict):
             raise ValueError("cluster.lease_seconds must be at least twice cluster.heartbeat_seconds")
 
 
+class PacsConfig(Strict):
+    """The PACS the poll asks for studies that came without MPPS (the imagingstudy destination has its own)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(4242, ge=1, le=65535)
+    aet: str = Field("ORTHANC", min_length=1, max_length=16)
+    qido_url: str = ""  # set: QIDO-RS instead of C-FIND
+    timeout: float = Field(30.0, gt=0)
+    poll_minutes: float = Field(10.0, ge=0)  # 0: no poll
+    poll_days: int = Field(1, ge=0)  # StudyDate from this many days back to today
+    channel: str = "pacs-studies"  # where FOUND units go; the poll runs only while it does
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class HttpConfig(Strict):
+    """The one HTTP listener (FHIR in, medication lists, health, metrics) every HTTP source shares."""
+
+    enabled: bool = False  # the shipped engine.yaml turns it on; a channel with an http source needs it
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    token: str = Field("", repr=False)  # ENGINE_API_TOKEN; never echoed in an error
+    max_body_bytes: int = Field(10 * 2**20, ge=1024)  # a larger body is refused with 413 while it arrives
+    read_timeout: float = Field(30.0, gt=0)  # the whole body must arrive within this (else 408)
+    max_connections: int = Field(256, ge=1)  # connections and requests in flight; past it new ones get 503
+    audit: bool = True  # one row per request in http_audit (who, what, when, outcome; never the body)
+
+    @model_validator(mode="after")
+    def _token_or_loopback(self) -> HttpConfig:
+        if self.enabled and not self.token and not is_loopback(self.host):
+            raise ValueError(
+                f"the HTTP listener would bind {self.host} without a token: set ENGINE_API_TOKEN "
+                "(http.token) or bind a loopback address (BIND_HOST=127.0.0.1)"
+            )
+        return self
+
+
 class EngineConfig(Strict):
     storage: StorageConfig = StorageConfig()
     channels_dir: str = "channels"
@@ -105,6 +150,8 @@ class EngineConfig(Strict):
     dicom: DicomConfig = DicomConfig()
     worklist: WorklistConfig = WorklistConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    pacs: PacsConfig = PacsConfig()
+    http: HttpConfig = HttpConfig()
     cluster: ClusterConfig = ClusterConfig()
 
 
@@ -206,8 +253,15 @@ def load_config(
     else:
         seen: dict[str, str] = {}
         listening: dict[tuple[str, int], str] = {}
+        taken: dict[str, str] = {}
         if engine_cfg.dicom.enabled and engine_cfg.dicom.port:
             listening[(engine_cfg.dicom.host, engine_cfg.dicom.port)] = "the DICOM listener (engine.yaml dicom.port)"
+        if engine_cfg.http.enabled and engine_cfg.http.port:  # one listener, shared by every http source
+            where = (engine_cfg.http.host, engine_cfg.http.port)
+            if where in listening:
+                problems.append(Problem(_rel(path, base), 1, 1, "http.port",
+                                        f"port {where[1]} is also used by {listening[where]}"))
+            listening[where] = "the HTTP listener (engine.yaml http.port)"
         for file in sorted(channels_dir.glob("*.y*ml")):
             spec, found = _load_channel(file, base, engine_cfg, registry, env, load_mappings)
             problems += found
@@ -218,7 +272,12 @@ def load_config(
                 other = seen[spec.config.name]
                 problems.append(chdoc.problem(("name",), f"channel name {spec.config.name!r} is also used by {other}"))
             seen[spec.config.name] = _rel(file, base)
+            shared = getattr(registry.sources.get(spec.source.type), "uses_http_app", False)
+            if spec.config.enabled and shared and not engine_cfg.http.enabled:
+                problems.append(chdoc.problem(("source", "type"), "the http source needs the HTTP listener: "
+                                              "set http.enabled: true in engine.yaml"))
             if spec.config.enabled:
+                problems += _one_channel_only(spec, registry, taken)
                 for ep in spec.source.endpoints():
                     if not ep.port:
                         continue
@@ -233,6 +292,18 @@ def load_config(
     elif problems:
         raise ConfigError(problems)
     return LoadedConfig(path=path, base_dir=base, engine=engine_cfg, channels=channels)
+
+
+def _one_channel_only(spec: ChannelSpec, registry: Registry, taken: dict[str, str]) -> list[Problem]:
+    """A source that serves one channel per engine (`one_channel_only`, e.g. the DICOM SCP's MPPS)."""
+    kind = spec.source.type
+    if not getattr(registry.sources.get(kind), "one_channel_only", False):
+        return []
+    if kind in taken:
+        return [spec.doc.problem(("source", "type"), f"only one enabled channel may have a {kind} source "
+                                 f"(channel {taken[kind]} has one)")]
+    taken[kind] = spec.config.name
+    return []
 
 
 def _load_channel(
@@ -266,6 +337,10 @@ def _load_channel(
             continue
         dest = _component(doc, ("destinations", i), block, registry, "destination", problems)
         if dest is not None:
+            # files a destination reads at start (a code table) are checked here, so `engine check` says so
+            check = getattr(registry.destinations[dest.type], "check_files", None)
+            for text in check(dest, base) if check is not None else []:
+                problems.append(doc.problem(("destinations", i), text))
             if dest.name in names:
                 problems.append(doc.problem(("destinations", i, "name"), f"destination name {dest.name!r} repeats"))
             names.add(dest.name)
@@ -348,9 +423,10 @@ def _check_routes(doc: YamlDocument, spec: ChannelSpec, registry: Registry, mapp
                 doc.problem(("mappings", mtype), f"mapping {mapping.name} reads {mapping.input} input, "
                             f"but this channel's input is {kind}")
             )
+    fed = _check_emits(doc, spec, registry, problems)
     for i, dest in enumerate(spec.destinations):
         takes = registry.destinations[dest.type].takes(dest)
-        if RAW in takes or raw_of(kind) in takes:
+        if RAW in takes or raw_of(kind) in takes or dest.name in fed:
             continue
         raw_only = {t for t in takes if t.startswith(RAW)}
         if raw_only:
@@ -377,6 +453,22 @@ def _check_routes(doc: YamlDocument, spec: ChannelSpec, registry: Registry, mapp
                                 f"{wants}, but mapping {mapping.name} for {mtype} makes {mapping.output}")
                 )
     return problems
+
+
+def _check_emits(doc: YamlDocument, spec: ChannelSpec, registry: Registry, problems: list[Problem]) -> set[str]:
+    """A local destination that emits payloads (C2) names queued destinations of its channel;
+    those take only what it emits. Returns their names."""
+    kinds = {d.name: registry.destinations[d.type].kind for d in spec.destinations}
+    fed: set[str] = set()
+    for i, dest in enumerate(spec.destinations):
+        emits = getattr(registry.destinations[dest.type], "emits", None)
+        for name in emits(dest) if emits is not None else []:
+            if kinds.get(name) != "queued":
+                what = "is not a destination of this channel" if name not in kinds else "is not a queued destination"
+                text = f"destination {dest.name!r} sends to {name!r}, which {what}"
+                problems.append(doc.problem(("destinations", i), text))
+            fed.add(name)
+    return fed
 
 
 def _load_channel_mappings(

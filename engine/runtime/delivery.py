@@ -147,10 +147,10 @@ class DeliveryWorker:
         return len(claimed)
 
     async def _record(self, finished: list[tuple[queue.ClaimedDelivery, DeliveryOutcome]]) -> None:
-        attempts = [queue.Attempt(d, o.ok, o.retry, o.response, o.error, o.retry_after) for d, o in finished]
+        attempts = [queue.Attempt(d, o.ok, o.retry, o.response, o.error, o.retry_after, o.defer) for d, o in finished]
         states = await asyncio.to_thread(queue.record, self.db, attempts, self.policy)
         for d, o in finished:
-            if not o.ok and states[d.id] != queue.DISCARDED:
+            if not o.ok and not o.defer and states[d.id] != queue.DISCARDED:
                 log.warning(
                     "channel=%s delivery=%s destination=%s message=%s state=%s error=%s",
                     self.channel,
@@ -178,7 +178,8 @@ class DeliveryWorker:
             d.payload,
             d.ordering_key,
             d.content_type,
-            meta={"message_id": d.message_id, "delivery_id": d.id, "channel": self.channel},
+            meta={"message_id": d.message_id, "delivery_id": d.id, "channel": self.channel,
+                  "created_at": d.created_at, "attempts": d.attempts},
         )
         try:
             return await dest.deliver(payload)

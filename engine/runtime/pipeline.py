@@ -20,10 +20,13 @@ from engine.errors import UNSUPPORTED_MESSAGE_TYPE, ProcessingError, ProcessingW
 from engine.inputs import AnswerBuilder, InputAdapter, Outcome, Received
 from engine.runtime.config import ChannelSpec
 from engine.runtime.destinations.base import (
+    RAW,
     Destination,
+    Emitted,
     LocalDestination,
     MessageContext,
     QueuedDestination,
+    raw_of,
 )
 from engine.runtime.registry import Registry
 from engine.store.models import MessageStatus, utcnow
@@ -45,6 +48,12 @@ class Pipeline:
         self.accept = set(spec.config.accept)
         self.filter_types = set(spec.config.filter.types)
         self.has_queued = any(isinstance(d, QueuedDestination) for d in self.destinations)
+        self._queued_names = {d.name for d in self.destinations if isinstance(d, QueuedDestination)}
+        # queued destinations a local one emits to (C2) that cannot take this channel's units
+        # themselves (an mllp destination on a dicom channel): they get only what is emitted
+        fed = {n for d in self.destinations if isinstance(d, LocalDestination) for n in type(d).emits(d.config)}
+        own = {RAW, raw_of(spec.input.type)}
+        self._fed = {d.name for d in self.destinations if d.name in fed and not own & type(d).takes(d.config)}
         self.on_queued: Callable[[], None] | None = None  # wakes the delivery worker
 
     @classmethod
@@ -153,16 +162,25 @@ class Pipeline:
         payloads = [
             QueuedPayload(d.name, p.body, p.ordering_key, p.content_type)
             for d in targets
-            if isinstance(d, QueuedDestination)
+            if isinstance(d, QueuedDestination) and d.name not in self._fed
             for p in d.payloads(ctx, outputs)
         ]
         local = [d for d in targets if isinstance(d, LocalDestination)]
+        queued = self._queued_names
 
         def effects(conn: Connection, message_id: int) -> list[QueuedPayload]:
             ctx.message_id = message_id
+            emitted: list[Emitted] = []
             for dest in local:
-                dest.apply(conn, ctx, outputs)
-            return payloads
+                emitted += dest.apply(conn, ctx, outputs) or []
+            if not emitted:
+                return payloads
+            # a disabled destination is left out like any other (its name was checked at load)
+            return payloads + [
+                QueuedPayload(e.destination, e.body, e.ordering_key, e.content_type)
+                for e in emitted
+                if e.destination in queued
+            ]
 
         return effects
 

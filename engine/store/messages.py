@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
+from sqlalchemy.engine import Connection
 
+from engine.errors import ProcessingWarning
 from engine.store import crypto
 from engine.store.models import Message
 
@@ -71,3 +75,23 @@ def get_message(engine: Engine, message_id: int) -> dict[str, Any] | None:
     found = dict(row)
     found["raw"] = crypto.open_value(found["raw"], crypto.RAW)  # the body as received, opened if sealed
     return found
+
+
+def note_message(
+    conn: Connection, message_id: int, *, flag: str = "", warnings: Sequence[ProcessingWarning] = ()
+) -> None:
+    """Add a flag and warnings to a message being stored, from a local destination that learns them
+    only inside the transaction (an unscheduled MPPS: no worklist item matched)."""
+    row = conn.execute(select(MESSAGES.c.flags, MESSAGES.c.warnings).where(MESSAGES.c.id == message_id)).first()
+    if row is None:
+        return
+    flags = [f for f in (row[0] or "").split(",") if f]
+    if flag and flag not in flags:
+        flags.append(flag)
+    kept = json.loads(row[1]) if row[1] else []
+    kept += [w.as_dict() for w in warnings]
+    conn.execute(
+        update(MESSAGES)
+        .where(MESSAGES.c.id == message_id)
+        .values(flags=",".join(flags)[:200], warnings=json.dumps(kept) if kept else "")
+    )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, and_, case, exists, literal, or_, select, update
@@ -73,6 +73,7 @@ class ClaimedDelivery:
     claimed_by: str = ""
     claims: int = 0  # this claim's number: the result is recorded only while it is current
     resent: str = ""  # why it goes out again ("" the first time)
+    created_at: datetime | None = None  # when the unit queued it (a destination that waits measures from here)
 
 
 DISCARDED = "discarded"  # record()'s state for a result whose claim had lapsed
@@ -138,6 +139,7 @@ def claim(engine: Engine, channel: str, *, limit: int = 32, owner: Owner = Owner
                 DELIVERIES.c.claimed_by,
                 DELIVERIES.c.claims,
                 DELIVERIES.c.resent,
+                DELIVERIES.c.created_at,
             )
         ).all()
     claimed = _opened(engine, [ClaimedDelivery(*row) for row in rows])
@@ -192,13 +194,15 @@ class Attempt:
     response: str = ""
     error: str = ""
     retry_after: float | None = None  # the remote's Retry-After: the back-off waits at least this long
+    defer: bool = False  # not ready yet (images still arriving): pending again after retry_after, no attempt spent
 
 
 def record(engine: Engine, attempts: list[Attempt], policy: RetryPolicy) -> dict[int, str]:
     """Record a group of attempts in one transaction; returns delivery id -> new state.
 
     A success is `done`; a retryable failure goes back to `pending` after a back-off, or `dead`
-    once the policy says so; a non-retryable failure is `dead` at once. A result whose claim is no
+    once the policy says so; a non-retryable failure is `dead` at once. A deferral goes back to
+    `pending` after `retry_after` seconds with `attempts` unchanged. A result whose claim is no
     longer current (its lease lapsed and another node took the delivery) changes nothing: DISCARDED.
     """
     now = utcnow()
@@ -214,6 +218,10 @@ def record(engine: Engine, attempts: list[Attempt], policy: RetryPolicy) -> dict
             }
             if attempt.ok:
                 values["state"] = DeliveryState.DONE
+            elif attempt.defer:
+                values["attempts"] = attempt.delivery.attempts
+                values["state"] = DeliveryState.PENDING
+                values["next_attempt_at"] = now + timedelta(seconds=max(0.0, attempt.retry_after or policy.base))
             else:
                 wait = policy.decide(count) if attempt.retry else None
                 if wait is not None and attempt.retry_after is not None:

@@ -15,8 +15,10 @@ from typing import Any
 
 from sqlalchemy import Engine, Table, and_, case, func, literal, not_, or_, select, update
 
-from engine.store import crypto
+from engine.store import crypto, medrec
 from engine.store.models import Delivery, Message
+from engine.store.steps import DATASET as STEPS_DATASET
+from engine.store.steps import PerformedStep
 from engine.store.worklist import WorklistItem
 
 
@@ -36,6 +38,10 @@ COLUMNS = (
     SealedColumn(Message.__table__, "raw", crypto.RAW, False),  # type: ignore[attr-defined]  # SQLModel table
     SealedColumn(Delivery.__table__, "payload", crypto.PAYLOAD, False),  # type: ignore[attr-defined]  # (same)
     SealedColumn(WorklistItem.__table__, "dataset_json", crypto.DATASET, True),  # type: ignore[attr-defined]  # SQLModel adds __table__ to table classes
+    SealedColumn(medrec.MedrecSource.__table__, "data", medrec.SOURCE_DATA, True),  # type: ignore[attr-defined]  # (same)
+    SealedColumn(medrec.MedrecSourceVersion.__table__, "data", medrec.VERSION_DATA, True),  # type: ignore[attr-defined]  # (same)
+    SealedColumn(medrec.MedrecRecord.__table__, "data", medrec.RECORD_DATA, True),  # type: ignore[attr-defined]  # (same)
+    SealedColumn(PerformedStep.__table__, "dataset_json", STEPS_DATASET, True),  # type: ignore[attr-defined]  # (same)
 )
 
 

@@ -33,6 +33,8 @@ def engine_env(tmp_path: Path) -> dict[str, str]:
         "ORDERS_MLLP_PORT": "0",
         "RESULTS_MLLP_PORT": "0",
         "DICOM_PORT": "0",
+        "HTTP_PORT": "0",
+        "MEDS_ARCHIVE_DIR": str(tmp_path / "meds-archive"),
     }
 
 

@@ -23,7 +23,8 @@ def test_filters_refuse_unknown_values_and_name_the_known_ones(cli) -> None:
     bad = cli("messages", "--status", "bogus", "-c", CONFIG, code=2)
     assert "'bogus' is not one of: processed, filtered, error, duplicate" in cli.flat(bad.stderr)
     bad = cli("messages", "--channel", "nosuch", "-c", CONFIG, code=2)
-    assert "no channel 'nosuch'; configured: ris-orders, ris-results" in cli.flat(bad.stderr)
+    known = "emr-medications-poll, emr-medications, pacs-studies, ris-orders, ris-results"
+    assert f"no channel 'nosuch'; configured: {known}" in cli.flat(bad.stderr)
     bad = cli("messages", "--since", "25.11.2026", "-c", CONFIG, code=2)
     assert "is not a date" in cli.flat(bad.stderr)
     assert len(cli("messages", "--channel", "ris-orders", "--status", "processed", "--json", "-c", CONFIG)

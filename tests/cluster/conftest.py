@@ -211,6 +211,7 @@ class Node:
             "FORWARD_MLLP_PORT": str(self.forward_port),
             "RECEIVER_PORT": str(receiver_port),
             "DICOM_PORT": str(self.dicom_port),
+            "HTTP_PORT": str(free_port()),
             "ORDERS_ARCHIVE_DIR": str(tmp_path / "archive"),
         })
         self.log = tmp_path / f"{name}.log"

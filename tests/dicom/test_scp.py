@@ -198,7 +198,7 @@ def test_registry_names_and_refusals(db: Engine) -> None:
     with pytest.raises(KeyError, match="unknown DICOM service 'mwl'"):
         registry.build(["mwl"], ServiceContext(db))
     registry = default_registry()
-    assert registry.names() == ["echo", "mwl"]
+    assert registry.names() == ["echo", "mpps", "mwl"]
     with pytest.raises(ServiceConflict, match="registered twice"):
         registry.add("mwl", lambda _context: EchoService())
     with pytest.raises(ValueError, match="needs the store"):

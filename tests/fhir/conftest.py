@@ -55,6 +55,16 @@ def sekmet_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sekme
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def sekmet_with_basic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sekmet]:
+    server = Sekmet(tmp_path_factory.mktemp("sekmet-basic"), users={"engine": servers.PASSWORD})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def engine_yaml(tmp_path: Path, channels: Path = ROOT / "channels") -> Path:
     """The shipped engine.yaml with short back-off (tests never wait minutes) and no DICOM SCP."""
     text = (ROOT / "engine.yaml").read_text()
@@ -84,6 +94,7 @@ async def running(tmp_path: Path, emr_base: str, channels: Path = ROOT / "channe
         "RESULTS_MLLP_PORT": "0",
         "DICOM_PORT": "0",
         "HTTP_PORT": "0",
+        "MEDS_ARCHIVE_DIR": str(tmp_path / "meds-archive"),
         "ORDERS_ARCHIVE_DIR": str(tmp_path / "archive"),
         "RESULTS_OUTBOX_DIR": str(tmp_path / "outbox"),
         "EMR_FHIR_BASE": emr_base,

@@ -9,6 +9,7 @@ reset, 400 with an OperationOutcome.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from engine.store.models import Delivery
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-" + uuid.uuid4().hex  # the bearer token sekmet_with_auth accepts
+PASSWORD = "test-password-" + uuid.uuid4().hex  # user "engine"'s password on sekmet_with_basic
 
 
 def free_port() -> int:
@@ -40,16 +43,21 @@ def free_port() -> int:
 class Sekmet:
     """`sekmet serve` in a subprocess on a free port, with its own database."""
 
-    def __init__(self, folder: Path, *, tokens: list[str] | None = None) -> None:
+    def __init__(self, folder: Path, *, tokens: list[str] | None = None, users: dict[str, str] | None = None) -> None:
         self.folder = folder
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/fhir"
         self.tokens = tokens or []
+        self.users = users or {}  # HTTP Basic: username -> password
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        auth = {"types": ["bearer"], "tokens": self.tokens} if self.tokens else {"types": ["none"]}
+        auth: dict[str, Any] = {"types": ["none"]}
+        if self.tokens:
+            auth = {"types": ["bearer"], "tokens": self.tokens}
+        elif self.users:
+            auth = {"types": ["basic"], "users": self.users}
         settings = {
             "base_url": self.base_url,
             "host": "127.0.0.1",
@@ -92,6 +100,10 @@ class Sekmet:
                 self.proc.kill()
 
     def headers(self) -> dict[str, str]:
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            raw = base64.b64encode(f"{user}:{password}".encode()).decode()
+            return {"Authorization": f"Basic {raw}"}
         return {"Authorization": f"Bearer {self.tokens[0]}"} if self.tokens else {}
 
     def search(self, rtype: str, **params: str) -> list[dict[str, Any]]:
@@ -111,11 +123,13 @@ class FaultProxy:
     """HTTP/1.1 proxy in front of `upstream`; `faults` is consumed one per request.
 
     Faults: "503" (with Retry-After: 1), "stall" (answer nothing for `stall_seconds`), "reset"
-    (close the connection mid-response), "400" (an OperationOutcome), None: forward.
+    (close the connection mid-response), "400" or "412" (an OperationOutcome), None: forward.
+    `fault_when(method, path)`, when set, is asked first and may name a fault for that request.
     """
 
     upstream: str  # http://127.0.0.1:N
     faults: list[str | None] = field(default_factory=list)
+    fault_when: Callable[[str, str], str | None] | None = None
     stall_seconds: float = 5.0
     port: int = 0
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, path, fault)
@@ -151,7 +165,9 @@ class FaultProxy:
                         k, v = line.split(":", 1)
                         headers[k.strip().lower()] = v.strip()
                 body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
-                fault = self.faults.pop(0) if self.faults else None
+                fault = self.fault_when(method, path) if self.fault_when is not None else None
+                if fault is None:
+                    fault = self.faults.pop(0) if self.faults else None
                 self.requests.append((method, path, fault))
                 if fault == "stall":
                     await asyncio.sleep(self.stall_seconds)
@@ -172,6 +188,11 @@ class FaultProxy:
                 if fault == "400":
                     await self._answer(writer, 400, {"resourceType": "OperationOutcome", "issue": [
                         {"severity": "error", "code": "invalid", "diagnostics": "rejected by the proxy"}]})
+                    continue
+                if fault == "412":
+                    await self._answer(writer, 412, {"resourceType": "OperationOutcome", "issue": [
+                        {"severity": "error", "code": "multiple-matches",
+                         "diagnostics": "conditional update matched 2 resources"}]})
                     continue
                 assert self._client is not None
                 fwd = {k: v for k, v in headers.items() if k not in ("host", "content-length", "connection")}
@@ -291,8 +312,6 @@ class TokenServer:
             self._server.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        import base64
-
         try:
             while True:
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import base64
+import json
 import sys
 from typing import Any
 
+import httpx
+import pytest
+from sqlalchemy import select
+
 from engine.hl7.er7 import Message
+from engine.store.models import Message as StoredMessage
 
 kit = sys.modules["fhir_servers"]  # loaded by conftest.py (tests are not a package)
 oru, send, settled, uid = kit.oru, kit.send, kit.settled, kit.uid
 Sekmet = Any
 
 FILLER = "urn:oid:1.2.3.4.5.4"
+MRN = "urn:oid:1.2.3.4.5.1"
+MESSAGES = StoredMessage.__table__  # type: ignore[attr-defined]
 
 
 def ack_code(reply: bytes) -> str:
@@ -151,3 +159,56 @@ async def test_conditional_mode_creates_the_patient_once(sekmet: Sekmet, engine_
     [obs] = sekmet.search("Observation", identifier=f"{FILLER}|{filler}-SIZE-1")
     assert obs["valueQuantity"]["value"] == 5 and obs["subject"]["reference"] == f"Patient/{patient['id']}"
     assert report["result"] == [{"reference": f"Observation/{obs['id']}"}]
+
+
+async def test_patient_conditional_the_emr_resolves_its_own_patient(sekmet: Sekmet, engine_at: Any,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """`patient: conditional`: the subject goes as `Patient?identifier=mrn|X`, which the EMR resolves to
+    the Patient it holds (transaction mode: the server; conditional mode: the engine asks first);
+    a patient the EMR does not know is a dead delivery with the server's answer, not a guess."""
+    known, unknown = "MRN" + uid(), "MRN" + uid()
+    resp = httpx.post(f"{sekmet.base_url}/Patient", headers={"Content-Type": "application/fhir+json"}, timeout=30,
+                      json={"resourceType": "Patient", "identifier": [{"system": MRN, "value": known}]})
+    assert resp.status_code == 201, resp.text
+    patient_id = resp.json()["id"]
+    fillers = {"transaction": uid(), "conditional": uid()}
+    lost = uid()
+    for mode, filler in fillers.items():
+        async with engine_at(sekmet.base_url, EMR_FHIR_MODE=mode, EMR_PATIENT_MODE="conditional") as app:
+            await send(app, oru(uid(), filler=filler, mrn=known, values=[("NM", "SIZE", "1", "3")]))
+            if mode == "transaction":
+                await send(app, oru(uid(), filler=lost, mrn=unknown))
+            rows = await settled(app, 2 if mode == "transaction" else 1)
+        assert rows[0].state == "done", rows[0].last_error
+        [report] = report_of(sekmet, filler)
+        assert report["subject"] == {"reference": f"Patient/{patient_id}"}
+        [obs] = sekmet.search("Observation", identifier=f"{FILLER}|{filler}-SIZE-1")
+        assert obs["subject"] == {"reference": f"Patient/{patient_id}"}
+        if mode == "transaction":
+            assert rows[1].state == "dead" and rows[1].last_error.startswith("HTTP 4"), rows[1].last_error
+            assert "http-404" in caplog.text or "http-4" in caplog.text
+            assert unknown not in caplog.text  # the server's text quotes the MRN: stored, never logged
+    assert sekmet.search("Patient", identifier=f"{MRN}|{unknown}") == []  # nothing created in that mode
+    assert report_of(sekmet, lost) == []
+
+
+async def test_an_obx_the_report_cannot_use_is_dropped_with_a_warning(sekmet: Sekmet, engine_at: Any) -> None:
+    filler, control = uid(), uid()
+    msg = oru(control, filler=filler, values=[("NM", "SIZE", "1", "7"), ("DT", "SCANDATE", "1", "20261125")])
+    async with engine_at(sekmet.base_url) as app:
+        [reply] = await send(app, msg)
+        rows = await settled(app, 1)
+        with app.db.connect() as conn:
+            (stored,) = conn.execute(select(MESSAGES.c.status, MESSAGES.c.warnings)
+                                     .where(MESSAGES.c.control_id == control)).all()
+    ack = Message.parse(reply)
+    assert ack.get("MSA-1") == "AA"
+    [err] = ack.segments("ERR")
+    assert err.fields[4] == "W" and err.fields[2].startswith("OBX^"), ack.text  # ERR-4 W, ERR-2 OBX-2
+    [warning] = json.loads(stored.warnings)
+    assert warning["location"] == "OBX-2" and "obx_value_types" in warning["text"]
+    assert "20261125" not in stored.warnings  # names the field, not the value
+    assert stored.status == "processed" and rows[0].state == "done", rows[0].last_error
+    [report] = report_of(sekmet, filler)
+    assert len(report["result"]) == 1  # the NM; the DT line made no Observation
+    assert sekmet.search("Observation", identifier=f"{FILLER}|{filler}-SCANDATE-1") == []

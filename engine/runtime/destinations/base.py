@@ -8,6 +8,12 @@ Two kinds:
   outputs into payloads; the store queues one delivery per payload in the same transaction, and a
   worker drains the queue later, in order per ordering key, with retries.
 
+A local destination may also decide what a queued destination of its channel delivers (contract
+C2): `apply` returns `Emitted` payloads for it, queued in the same transaction (the performed-step
+store emits the RIS status message only once it knows the step's order). A destination named by
+`emits()` that cannot take the channel's units (an mllp destination on a dicom channel) gets only
+what is emitted to it; one that can (takes RAW) is also asked for its own `payloads()`.
+
 Constructors do no I/O; `start()` does.
 """
 
@@ -66,6 +72,18 @@ class DeliveryOutcome:
     response: str = ""
     error: str = ""
     retry_after: float | None = None  # seconds the remote asked us to wait (HTTP Retry-After): a floor on the back-off
+    # not ready yet (the PACS still lacks images): pending again in retry_after seconds, no attempt spent
+    defer: bool = False
+
+
+@dataclass
+class Emitted:
+    """A payload a local destination queues for a queued destination of the same channel."""
+
+    destination: str
+    body: bytes
+    ordering_key: str = ""
+    content_type: str = "application/octet-stream"
 
 
 # What a destination can take: the received bytes as they came (of any input kind, or of one:
@@ -103,8 +121,14 @@ class Destination:
 class LocalDestination(Destination):
     kind: ClassVar[str] = "local"
 
-    def apply(self, conn: Connection, ctx: MessageContext, outputs: list[Any]) -> None:
-        """Write the mapped outputs; runs in the writer thread inside the message's transaction."""
+    @classmethod
+    def emits(cls, config: DestinationConfig) -> list[str]:
+        """The queued destinations of the channel this one may emit to (checked at load)."""
+        return []
+
+    def apply(self, conn: Connection, ctx: MessageContext, outputs: list[Any]) -> list[Emitted] | None:
+        """Write the mapped outputs; runs in the writer thread inside the message's transaction.
+        May return payloads for queued destinations named by `emits()`."""
         raise NotImplementedError
 
 

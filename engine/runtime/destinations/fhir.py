@@ -1,26 +1,29 @@
 """Deliver mapped resources to the EMR's FHIR server (queued).
 
 In the synchronous stage every resource is built, given its identifier systems and validated
-(fhir.resources R4B models, or R5); an invalid one refuses the message with the validation text
-and nothing is queued. One payload per mapping output (one report with its Observations, one
-ServiceRequest ...), ordered per patient by default, so a correction never overtakes its final.
+(fhir.resources R4B models, or R5; in full once per resource shape, see `engine.fhir.models`); an
+invalid one refuses the message with the validation text and nothing is queued. One payload per
+mapping output (one report with its Observations, one ServiceRequest ...), ordered per patient by
+default, so a correction never overtakes its final.
 Writes are idempotent (see `engine.fhir.writer`); 408/429/5xx, timeouts and connection errors
 are retried honouring Retry-After, any other 4xx goes `dead` with the server's OperationOutcome.
+One httpx client per destination (keep-alive, at most `max_parallel` requests in flight); with
+`imaging_study_lookup: true` a report references the EMR's ImagingStudy of its accession.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import httpx
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import REQUIRED_FIELD_MISSING, ProcessingError
 from engine.fhir.client import Auth, AuthConfig
-from engine.fhir.models import FHIRValidationError, FhirVersion, validate_resource
+from engine.fhir.models import FHIRValidationError, FhirVersion, for_version, validate_resource
 from engine.fhir.resources import PatientMode, Plan, plan_resources
 from engine.fhir.results import ReportError, ReportOptions, build_report, is_report
 from engine.fhir.writer import FhirWriter, Mode
@@ -51,7 +54,7 @@ class ReportConfig(BaseModel):
 class FhirDestinationConfig(DestinationConfig):
     base_url: str
     mode: Mode = "transaction"  # transaction: one Bundle per output; conditional: one PUT per resource
-    fhir_version: FhirVersion = "R4B"
+    fhir_version: FhirVersion = "R4B"  # R5: fhir.resources' R5 models (ServiceRequest.code -> concept)
     # system names used by mappings -> URIs of this site (filler, placer, accession, mrn, practitioner ...)
     identifier_systems: dict[str, str] = {}
     patient: PatientMode = "identifier"  # identifier | conditional (server resolves) | create (If-None-Exist)
@@ -61,6 +64,8 @@ class FhirDestinationConfig(DestinationConfig):
     max_parallel: int = Field(8, ge=1, le=64)  # requests in flight to the server
     order_by: Literal["patient", "destination", "none"] = "patient"
     stale_check: bool = True  # a late older report (OBR-22 / MSH-7) never overwrites a newer one
+    # DiagnosticReport.imagingStudy: look up ImagingStudy?identifier=<accession> on the EMR at delivery
+    imaging_study_lookup: bool = False
     verify_tls: bool = True
     ca_file: str = ""
     report: ReportConfig = ReportConfig()
@@ -107,7 +112,8 @@ class FhirDestination(QueuedDestination):
             verify=verify,
             follow_redirects=False,
         )
-        self.writer = FhirWriter(self.client, cfg.base_url, self.auth, mode=cfg.mode, guard_stale=cfg.stale_check)
+        self.writer = FhirWriter(self.client, cfg.base_url, self.auth, mode=cfg.mode, guard_stale=cfg.stale_check,
+                                 parallel=cfg.max_parallel, imaging_study_lookup=cfg.imaging_study_lookup)
 
     async def stop(self) -> None:
         if self.client is not None:
@@ -122,7 +128,7 @@ class FhirDestination(QueuedDestination):
         out = []
         for n, output in enumerate(outputs, 1):
             plan = self.plan(output, n if len(outputs) > 1 else 0)
-            body = json.dumps(plan.to_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            body = pydantic_core.to_json(plan.to_json())  # compact UTF-8, as json.dumps but ~5x faster
             out.append(Payload(body, ordering_key=key, content_type=PLAN_TYPE))
         return out
 
@@ -140,15 +146,17 @@ class FhirDestination(QueuedDestination):
                 raise ProcessingError(f"{self.name}: a fhir mapping output is a resource or a report{where}")
         except ReportError as exc:
             raise ProcessingError(f"{self.name}: {exc}{where}", REQUIRED_FIELD_MISSING) from None
+        version = self.config.fhir_version
         plan = plan_resources(resources, self.config.identifier_systems, self.config.patient, patient)
         for entry in plan.entries:
+            entry.resource = for_version(entry.resource, version)
             if not entry.key and not entry.create_only:
                 raise ProcessingError(
                     f"{self.name}: {entry.type} has no identifier, so it cannot be written idempotently{where}",
                     REQUIRED_FIELD_MISSING,
                 )
             try:
-                validate_resource(entry.resource, self.config.fhir_version)
+                validate_resource(entry.resource, version)
             except FHIRValidationError as exc:
                 raise ProcessingError(f"{self.name}: invalid FHIR {exc}{where}") from None
         return plan
@@ -158,7 +166,7 @@ class FhirDestination(QueuedDestination):
         if self.writer is None:
             await self.start()
         assert self.writer is not None
-        plan = Plan.from_json(json.loads(payload.body))
+        plan = Plan.from_json(pydantic_core.from_json(payload.body))
         result = await self.writer.write(plan)
         if result.skipped:
             log.warning(
