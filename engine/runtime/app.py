@@ -126,6 +126,8 @@ class EngineApp:
                 source.bind_http(self.http, name)
         if hasattr(source, "bind_store"):  # a poller keeps its progress in the store
             source.bind_store(self.db, name)
+        if hasattr(source, "bind_leader"):  # a poller polls from one node of a cluster
+            source.bind_leader(self.cluster.leader_only)
         queued = {d.name: d for d in pipeline.destinations if isinstance(d, QueuedDestination)}
         worker = None
         if queued:

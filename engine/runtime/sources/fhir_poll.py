@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
@@ -85,10 +86,15 @@ class FhirPollSource:
         self.channel = ""
         self.client: httpx.AsyncClient | None = None
         self.scheduler: Any = None
+        self._scheduled: Any = None  # run_once as the app wraps it (bind_leader)
         self._lock = asyncio.Lock()
 
     def bind_store(self, db: Engine, channel: str) -> None:
         self.db, self.channel = db, channel
+
+    def bind_leader(self, leader_only: Callable[[str, Any], Any]) -> None:
+        """With several engine nodes, the scheduled run happens on the leader only (run_once does not ask)."""
+        self._scheduled = leader_only(f"fhir-poll {self.channel}", self.run_once)
 
     def endpoints(self) -> list[Endpoint]:
         return []
@@ -99,7 +105,8 @@ class FhirPollSource:
         self.client = httpx.AsyncClient(timeout=self.config.timeout, verify=self.config.verify_tls,
                                         headers={"Accept": FHIR_JSON})
         self.scheduler = AsyncIOScheduler(timezone=UTC)
-        self.scheduler.add_job(self.run_once, "interval", seconds=self.config.interval_seconds, id=f"poll-{id(self)}",
+        self.scheduler.add_job(self._scheduled or self.run_once, "interval", seconds=self.config.interval_seconds,
+                               id=f"poll-{id(self)}",
                                next_run_time=datetime.now(UTC), coalesce=True, max_instances=1)
         self.scheduler.start()
 
