@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import BigInteger, Column, String, text
 from sqlalchemy.engine import Connection, Dialect
@@ -59,6 +60,7 @@ class Keys:
     def __init__(self, dialect: Dialect) -> None:
         m = marker(dialect)
         self._mark = m
+        self._many: dict[int, str] = {}  # claim_new's statement by row count
         self._claim = (
             "INSERT INTO dedupe_keys (channel, control_id, sender, message_id, body_hash, status, received)"
             f" VALUES ({m}, {m}, {m}, {m}, {m}, {m}, {m})"
@@ -82,6 +84,30 @@ class Keys:
         channel, sender, control_id = key
         params = (channel, control_id, sender, message_id, digest, status, received, expected, cutoff)
         return bool(raw_select(conn, self._claim, params))
+
+    def claim_new(
+        self, conn: Connection, claims: Sequence[tuple[tuple[str, str, str], int, str, str, int]], cutoff: int
+    ) -> set[tuple[str, str, str]]:
+        """Claim keys the claimers found free, in one statement: (key, message id, digest, status,
+        received) each, every key once. Returns the keys taken; any other one is held by another
+        message (claim it alone to learn more)."""
+        m = self._mark
+        sql = self._many.get(len(claims))
+        if sql is None:
+            values = ", ".join([f"({m}, {m}, {m}, {m}, {m}, {m}, {m})"] * len(claims))
+            sql = self._many[len(claims)] = (
+                "INSERT INTO dedupe_keys (channel, control_id, sender, message_id, body_hash, status, received)"
+                f" VALUES {values}"
+                " ON CONFLICT (channel, control_id, sender) DO UPDATE SET message_id = excluded.message_id,"
+                " body_hash = excluded.body_hash, status = excluded.status, received = excluded.received"
+                f" WHERE dedupe_keys.received < {m} OR dedupe_keys.status = 'error'"
+                " RETURNING channel, sender, control_id"
+            )
+        params: list[Any] = []
+        for (channel, sender, control_id), message_id, digest, status, received in claims:
+            params += (channel, control_id, sender, message_id, digest, status, received)
+        params.append(cutoff)
+        return {(row[0], row[1], row[2]) for row in raw_select(conn, sql, params)}
 
     def holder(self, conn: Connection, key: tuple[str, str, str]) -> KeyedMessage | None:
         channel, sender, control_id = key

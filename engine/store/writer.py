@@ -296,10 +296,12 @@ class Writer:
         def flush() -> None:
             if bulk:
                 ids = self._raw_insert.execute(conn, (values for values, _, _ in bulk))
+                claims = []
                 for (_, result, claim), mid in zip(bulk, ids, strict=True):
                     result.message_id = mid
                     if claim is not None:
-                        self._settle_claim(conn, claim, result)
+                        claims.append((claim, result))
+                self._settle_claims(conn, claims, cutoff)
                 bulk.clear()
 
         for unit in units:
@@ -379,6 +381,22 @@ class Writer:
     def _claim(self, conn: Connection, claim: _Claim, message_id: int) -> bool:
         return self._keys.claim(conn, claim.key, message_id, claim.digest, claim.status, claim.received,
                                 claim.expected, claim.cutoff)
+
+    def _settle_claims(self, conn: Connection, claims: list[tuple[_Claim, UnitResult]], cutoff: int) -> None:
+        """The claims of rows inserted together: those that found their key free in one statement,
+        the rest (and any that lost it meanwhile) one by one, in arrival order."""
+        first: dict[tuple[str, str, str], tuple[_Claim, UnitResult]] = {}
+        for claim, result in claims:
+            if claim.expected == 0 and claim.key not in first:
+                first[claim.key] = (claim, result)
+        taken: set[tuple[str, str, str]] = set()
+        if first:
+            taken = self._keys.claim_new(
+                conn, [(c.key, r.message_id, c.digest, c.status, c.received) for c, r in first.values()], cutoff)
+        for claim, result in claims:
+            if claim.key in taken and first[claim.key][0] is claim:
+                continue
+            self._settle_claim(conn, claim, result)
 
     def _settle_claim(self, conn: Connection, claim: _Claim, result: UnitResult) -> None:
         """A row inserted without effects claims its key; when another process stored the same
