@@ -1,7 +1,7 @@
 """Results benchmark: ORU^R01 over MLLP -> validated DiagnosticReport queued and ACKed, then
 delivered to a real FHIR server (sekmet).
 
-    python benchmarks/fhir_results.py [--reports 2000] [--repeat 2] [--connections 8] [--patients 200]
+    python benchmarks/fhir_results.py [--reports 1500] [--repeat 2] [--connections 8] [--patients 200]
                                       [--bridge /path/to/hl7v2-fhir-bridge]
 
 1. Ingest: the engine runs as a subprocess (`python -m engine run`) on a temporary copy of the
@@ -201,7 +201,7 @@ def row(name: str, runs: list[Ingest]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--reports", type=int, default=2000, help="ORU^R01 per ingest round (default 2000)")
+    ap.add_argument("--reports", type=int, default=1500, help="ORU^R01 per ingest round (default 1500)")
     ap.add_argument("--repeat", type=int, default=2, help="interleaved ingest rounds of each engine (default 2)")
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--patients", type=int, default=200, help="distinct patients (delivery order is per patient)")

@@ -16,13 +16,14 @@ FILLER = "urn:oid:1.2.3.4.5.4"
 ACCESSION = "urn:oid:1.2.3.4.5.11"
 
 
-def channels_with_lookup(tmp_path: Path) -> Path:
+def channels_without_lookup(tmp_path: Path) -> Path:
+    """The shipped ris-results (which looks studies up) with `imaging_study_lookup: false`."""
     channels = tmp_path / "channels"
     channels.mkdir()
     text = (kit.ROOT / "channels" / "ris-results.yaml").read_text()
-    anchor = "    stale_check: ${EMR_STALE_CHECK:-true}"
+    anchor = "    imaging_study_lookup: true"
     assert anchor in text
-    text = text.replace(anchor, anchor + "\n    imaging_study_lookup: true")
+    text = text.replace(anchor, "    imaging_study_lookup: false")
     (channels / "ris-results.yaml").write_text(text)
     return channels
 
@@ -39,10 +40,10 @@ def imaging_study(sekmet: Any, accession: str) -> str:
     return str(resp.json()["id"])
 
 
-async def test_the_report_references_the_study_of_its_accession(sekmet: Any, engine_at: Any, tmp_path: Path) -> None:
+async def test_the_report_references_the_study_of_its_accession(sekmet: Any, engine_at: Any) -> None:
     with_study, without = uid(), uid()
     study_id = imaging_study(sekmet, "ACC" + with_study)
-    async with engine_at(sekmet.base_url, channels=channels_with_lookup(tmp_path)) as app:
+    async with engine_at(sekmet.base_url) as app:  # the shipped channel looks studies up
         await send(app, oru(uid(), filler=with_study, accession="ACC" + with_study),
                    oru(uid(), filler=without, accession="ACC" + without))
         rows = await settled(app, 2)
@@ -53,13 +54,13 @@ async def test_the_report_references_the_study_of_its_accession(sekmet: Any, eng
     assert "imagingStudy" not in other  # no study on the EMR (yet): the report goes without
 
 
-async def test_without_the_option_no_study_is_looked_up(sekmet: Any, engine_at: Any) -> None:
+async def test_without_the_option_no_study_is_looked_up(sekmet: Any, engine_at: Any, tmp_path: Path) -> None:
     filler = uid()
     imaging_study(sekmet, "ACC" + filler)
     proxy = kit.FaultProxy(sekmet.base_url.removesuffix("/fhir"))
     await proxy.start()
     try:
-        async with engine_at(proxy.base_url) as app:
+        async with engine_at(proxy.base_url, channels=channels_without_lookup(tmp_path)) as app:
             await send(app, oru(uid(), filler=filler, accession="ACC" + filler))
             [row] = await settled(app, 1)
     finally:
