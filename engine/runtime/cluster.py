@@ -71,6 +71,7 @@ class Cluster:
             raise ClusterError(str(exc)) from None
         self._joined = True
         if not self.enabled:  # the store's only process: whatever is in flight was a dead one's
+            await asyncio.to_thread(nodes.forget_others, self.db, self.name)
             released = await asyncio.to_thread(queue.release_claims, self.db)
         else:  # claims under this node's name are from its previous life (the name is not live)
             released = await asyncio.to_thread(

@@ -25,8 +25,8 @@ from sqlmodel import Field, SQLModel
 
 from engine.store.models import utcnow
 
-__all__ = ["EngineNode", "Lease", "NodeInUse", "StoreInUse", "StoreLock", "acquire_lease", "heartbeat",
-           "leave", "list_nodes", "lease_holder", "register", "release_lease", "set_listeners"]
+__all__ = ["EngineNode", "Lease", "NodeInUse", "StoreInUse", "StoreLock", "acquire_lease", "forget_others",
+           "heartbeat", "leave", "list_nodes", "lease_holder", "register", "release_lease", "set_listeners"]
 
 LEADER = "scheduler"  # the lease whose holder runs the scheduled jobs
 # advisory lock class id ("ENG"); the object id is a hash of the schema, so stores in other schemas
@@ -162,6 +162,12 @@ def register(db: Engine, name: str, *, host: str, pid: int, cluster: bool, stale
         conn.execute(delete(NODES).where(NODES.c.name == name))
         conn.execute(insert(NODES).values(name=name, host=host, pid=pid, cluster=cluster, listeners="[]",
                                           started_at=now, heartbeat_at=now))
+
+
+def forget_others(db: Engine, name: str) -> int:
+    """Remove every other node's row: for the store's only process (they are dead ones')."""
+    with db.begin() as conn:
+        return int(conn.execute(delete(NODES).where(NODES.c.name != name)).rowcount or 0)
 
 
 def set_listeners(db: Engine, name: str, listeners: list[str]) -> None:
