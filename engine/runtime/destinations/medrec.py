@@ -151,7 +151,13 @@ class MedrecDestination(LocalDestination):
 
     # -- the write side ----------------------------------------------------------------------------
 
-    def apply(self, conn: Connection, ctx: MessageContext, outputs: list[Any]) -> list[Emitted] | None:
+    def prepare(self, ctx: MessageContext, outputs: list[Any]) -> None:
+        """The sources read from the resource on the event loop (a bad one refuses the unit there)."""
+        ctx.prepared[self.name] = self._read(ctx)
+
+    @staticmethod
+    def _read(ctx: MessageContext) -> tuple[list[MedSource], list[store.SourceRow]]:
+        """The unit's sources and the rows they are stored as."""
         resource = getattr(ctx.view, "resource", ctx.view)
         if not isinstance(resource, dict):
             raise ProcessingError("the medrec destination needs a FHIR resource (input type fhir)")
@@ -161,10 +167,15 @@ class MedrecDestination(LocalDestination):
             code = REQUIRED_FIELD_MISSING if exc.text.startswith(("no ", "a medication resource needs")) else (
                 DATA_TYPE_ERROR)
             raise ProcessingError(exc.text, code, exc.location) from None
-        if not sources:
-            return None  # a Patient or a Medication on its own: stored as received, nothing to reconcile
         rows = [store.SourceRow(s.resource_type, s.id, s.patient, s.status, s.as_dict(), s.last_updated)
                 for s in sources]
+        return sources, rows
+
+    def apply(self, conn: Connection, ctx: MessageContext, outputs: list[Any]) -> list[Emitted] | None:
+        prepared = ctx.prepared.get(self.name)
+        sources, rows = prepared if prepared is not None else self._read(ctx)
+        if not sources:
+            return None  # a Patient or a Medication on its own: stored as received, nothing to reconcile
         received = ctx.received_at.astimezone(UTC).isoformat(timespec="microseconds")
         name = self.list_of(ctx.channel)
         saved = store.save_sources(conn, name, rows, message_id=ctx.message_id, received_at=received)
