@@ -34,6 +34,7 @@ class FhirInstant:
     instant: datetime | None  # aware, in the configured zone; None for a date without time
 
 
+@lru_cache(maxsize=64)  # asked once per source by the rules; an unknown name raises (and is not remembered)
 def zone(name: str) -> tzinfo:
     try:
         return ZoneInfo(name)
