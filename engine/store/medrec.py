@@ -289,7 +289,7 @@ def load_records(conn: Connection, channel: str, patient_key: str) -> tuple[str,
     finally:
         cur.close()
     day = rows[0][0] if rows else ""
-    return day, [json.loads(crypto.open_text(data, RECORD_DATA)) for _, data in rows]
+    return day, [pydantic_core.from_json(crypto.open_text(data, RECORD_DATA)) for _, data in rows]
 
 
 def patients_of(conn: Connection, channel: str) -> int:
