@@ -177,19 +177,20 @@ def save_sources(
                 text = crypto.open_text(data, SOURCE_DATA)
                 mine[(rtype, res_id)] = json.loads(text)
                 stored[(rtype, res_id)] = (int(rid), patient, text, vtime or "")
-        # a resource stored under another patient (it moved): found through the unique index
-        unknown: dict[str, list[str]] = {}
-        for rtype, res_id in latest:
-            if (rtype, res_id) not in stored:
-                unknown.setdefault(rtype, []).append(res_id)
-        for rtype, ids in unknown.items():
-            for chunk in _chunks(ids):
-                cur.execute(
-                    f"SELECT id, resource_id, patient_key, version_time, data FROM medrec_sources WHERE channel = {m} "
-                    f"AND resource_type = {m} AND resource_id IN ({', '.join([m] * len(chunk))})",
-                    (channel, rtype, *chunk),
-                )
-                for rid, res_id, patient, vtime, data in cur.fetchall():
+        # a resource stored under another patient (it moved): found through the unique index, in one
+        # statement for all types (a hit of another type with the same id is not one of ours)
+        unknown = [key for key in latest if key not in stored]
+        types = sorted({rtype for rtype, _ in unknown})
+        ids = sorted({res_id for _, res_id in unknown})
+        for chunk in _chunks(ids):
+            cur.execute(
+                f"SELECT id, resource_type, resource_id, patient_key, version_time, data FROM medrec_sources "
+                f"WHERE channel = {m} AND resource_type IN ({', '.join([m] * len(types))}) "
+                f"AND resource_id IN ({', '.join([m] * len(chunk))})",
+                (channel, *types, *chunk),
+            )
+            for rid, rtype, res_id, patient, vtime, data in cur.fetchall():
+                if (rtype, res_id) in latest:
                     stored[(rtype, res_id)] = (int(rid), patient, crypto.open_text(data, SOURCE_DATA), vtime or "")
 
         inserts, updates, versions = [], [], []
