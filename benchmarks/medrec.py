@@ -12,7 +12,9 @@ Phases, all in one run:
 - list: GET /fhir/<channel>/List?patient=... for one patient with 60 resources;
 - in-process, no HTTP: fhir.resources validation of the Bundles, extraction + reconciliation
   alone, and the medrec destination's apply on a SQLite store, to show where the time goes.
-Prints resources/s for each, the ratio medrec/baseline, and the engine's resident and peak memory.
+Prints resources/s for each, the ratio medrec/baseline, the engine process's CPU time per resource
+and per List (from /proc: on a shared machine it moves far less than the rates, so compare runs by
+it), and the engine's resident and peak memory.
 """
 
 from __future__ import annotations
