@@ -12,7 +12,9 @@ Phases, all in one run:
 - list: GET /fhir/<channel>/List?patient=... for one patient with 60 resources;
 - in-process, no HTTP: fhir.resources validation of the Bundles, extraction + reconciliation
   alone, and the medrec destination's apply on a SQLite store, to show where the time goes.
-Prints resources/s for each, the ratio medrec/baseline, and the engine's resident and peak memory.
+Prints resources/s for each, the ratio medrec/baseline, the engine process's CPU time per resource
+and per List (from /proc: on a shared machine it moves far less than the rates, so compare runs by
+it), and the engine's resident and peak memory.
 """
 
 from __future__ import annotations
@@ -119,6 +121,13 @@ async def get_lists(base: str, channel: str, n: int, clients: int) -> tuple[floa
     return time.perf_counter() - t0, sizes[0] if sizes else 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU the process has used (Linux /proc): the engine's cost per resource,
+    which the other load on a shared machine changes far less than the wall-clock rate."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def with_store(bundles: list[dict[str, Any]], folder: Path) -> float:
     """Resources/s through the medrec destination's apply on a SQLite store, no HTTP and no
     validation, committing every 20 Bundles (the writer groups commits likewise)."""
@@ -197,19 +206,25 @@ def main() -> None:
             for channel in ("bench-store", "bench-meds"):  # first requests pay for imports and model set-up
                 asyncio.run(post_all(base, channel, warm, 2))
             start_rss, _ = rss_mb(engine.pid)
+            cpu0 = cpu_seconds(engine.pid)
             secs_base, codes_base = asyncio.run(post_all(base, "bench-store", bodies, args.clients))
+            cpu_base = cpu_seconds(engine.pid) - cpu0
             rss_base, _ = rss_mb(engine.pid)
             spy = None
             if args.profile:  # where the engine's time goes in the medrec phase: py-spy's folded stacks
                 spy = subprocess.Popen(["py-spy", "record", "--pid", str(engine.pid), "-o", args.profile, "-f", "raw",
                                         "--nonblocking", "-r", "200"], stdout=subprocess.DEVNULL)
                 time.sleep(1)
+            cpu0 = cpu_seconds(engine.pid)
             secs_med, codes_med = asyncio.run(post_all(base, "bench-meds", bodies, args.clients))
+            cpu_med = cpu_seconds(engine.pid) - cpu0
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(timeout=60)
             rss_med, _ = rss_mb(engine.pid)
+            cpu0 = cpu_seconds(engine.pid)
             secs_list, size = asyncio.run(get_lists(base, "bench-meds", args.lists, args.clients))
+            cpu_list = cpu_seconds(engine.pid) - cpu0
             rss_end, peak = rss_mb(engine.pid)
         finally:
             engine.terminate()
@@ -225,8 +240,10 @@ def main() -> None:
           f"answers {codes_med}")
     print(f"ratio medrec/baseline: {med_rate / base_rate:.2f}   target 10,000 resources/s reconciled: "
           f"{'met' if med_rate >= 10000 else 'not met'}")
+    print(f"engine CPU per resource: baseline {cpu_base / resources * 1e6:.0f} us, "
+          f"medrec {cpu_med / resources * 1e6:.0f} us (medrec adds {(cpu_med - cpu_base) / resources * 1e6:.0f} us)")
     print(f"List requests (patient with {PER_PATIENT} resources, {size} records): "
-          f"{args.lists / secs_list:.0f} lists/s")
+          f"{args.lists / secs_list:.0f} lists/s, engine CPU {cpu_list / args.lists * 1e3:.2f} ms per list")
     print(f"in-process, one core: fhir.resources validation {validate:.0f} resources/s; "
           f"extraction + reconciliation {rec:.0f} resources/s;\n"
           f"  medrec apply on a SQLite store (sources, versions, records; a commit per 20 Bundles) "

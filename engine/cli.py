@@ -202,6 +202,9 @@ def run(ctx: typer.Context, config: ConfigOpt = None) -> None:
         except OSError as exc:  # a port in use, an address not on this host: one line, not a traceback
             await engine_app.stop()
             _fail(f"cannot start: {exc.strerror or exc}")
+        from engine.runtime import heap
+
+        heap.settle()  # what start-up loaded stays out of the collector's way (engine.runtime.heap)
         for what, ep in engine_app.endpoints():
             console.print(f"  {what:<16} {ep}", highlight=False)
         console.print("engine running; Ctrl-C stops it", highlight=False)

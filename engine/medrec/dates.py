@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import date, datetime, tzinfo
+from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 __all__ = ["BadDate", "FhirInstant", "parse_fhir_date", "zone"]
@@ -33,6 +34,7 @@ class FhirInstant:
     instant: datetime | None  # aware, in the configured zone; None for a date without time
 
 
+@lru_cache(maxsize=64)  # asked once per source by the rules; an unknown name raises (and is not remembered)
 def zone(name: str) -> tzinfo:
     try:
         return ZoneInfo(name)
@@ -41,6 +43,15 @@ def zone(name: str) -> tzinfo:
 
 
 def parse_fhir_date(text: str, tz: tzinfo) -> FhirInstant:
+    """The value's day (and instant) in `tz`. Remembered per (value, zone): a patient's sources
+    share their days, and each value is read on arrival (checked) and again by the rules."""
+    if not isinstance(text, str):
+        raise BadDate("not a FHIR date or dateTime")
+    return _parse(text, tz)
+
+
+@lru_cache(maxsize=8192)  # FhirInstant is frozen and its parts immutable; a BadDate is not remembered
+def _parse(text: str, tz: tzinfo) -> FhirInstant:
     if (isinstance(text, str) and len(text) == 10 and text[4] == "-" and text[7] == "-" and text[:4].isdigit()
             and text[5:7].isdigit() and text[8:].isdigit()):
         try:  # the common YYYY-MM-DD, without the regular expression

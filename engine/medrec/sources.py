@@ -38,6 +38,11 @@ _DATE_ELEMENTS: dict[str, tuple[str, ...]] = {
                                  "occurenceDateTime", "occurencePeriod.start", "occurencePeriod.end"),
     "MedicationStatement": ("effectiveDateTime", "effectivePeriod.start", "effectivePeriod.end", "dateAsserted"),
 }
+# the same, split once: (element, its steps) per type
+_DATE_PATHS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    rtype: tuple((element, tuple(element.split("."))) for element in elements)
+    for rtype, elements in _DATE_ELEMENTS.items()
+}
 # R5 spells MedicationAdministration.effective[x] occurence[x]; read as effective[x]
 _R5_ALIASES = {"occurenceDateTime": "effectiveDateTime", "occurencePeriod.start": "effectivePeriod.start",
                "occurencePeriod.end": "effectivePeriod.end"}
@@ -156,9 +161,11 @@ def extract(
     if not rid:
         raise SourceError("a medication resource needs an id (or a fullUrl in its Bundle)", "id")
     source = MedSource(rtype, rid, _patient(resource, rtype, patients or {}), str(resource.get("status") or ""))
-    for element in _DATE_ELEMENTS[rtype]:
-        value = _get(resource, element)
-        if value in (None, ""):
+    for element, steps in _DATE_PATHS[rtype]:
+        value: Any = resource
+        for step in steps:
+            value = value.get(step) if isinstance(value, dict) else None
+        if value is None or value == "":
             continue
         if not isinstance(value, str):
             raise SourceError("not a FHIR date or dateTime", f"{rtype}.{element}")
@@ -176,15 +183,6 @@ def extract(
 
 
 # -- the parts (parsed JSON: dicts and lists, so `isinstance(x, dict)`, several times cheaper than Mapping)
-
-def _get(resource: Mapping[str, Any], dotted: str) -> Any:
-    value: Any = resource
-    for part in dotted.split("."):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(part)
-    return value
-
 
 def _patient(resource: Mapping[str, Any], rtype: str, patients: Mapping[str, str]) -> str:
     element = "subject" if "subject" in resource else "patient"  # DSTU2/STU3 spelled it `patient`

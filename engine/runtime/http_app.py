@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
+import pydantic_core
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -56,7 +57,7 @@ class BodyTooLarge(Exception):
 
 
 def _fhir(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(body, ensure_ascii=False), status, headers=headers, media_type=FHIR_JSON)
+    return Response(pydantic_core.to_json(body), status, headers=headers, media_type=FHIR_JSON)  # UTF-8, compact
 
 
 def _refuse(status: int, issue: str, text: str, headers: dict[str, str] | None = None) -> Response:

@@ -166,6 +166,8 @@ class Pipeline:
             for p in d.payloads(ctx, outputs)
         ]
         local = [d for d in targets if isinstance(d, LocalDestination)]
+        for dest in local:  # their database-free part, here on the event loop, not in the writer
+            dest.prepare(ctx, outputs)
         queued = self._queued_names
 
         def effects(conn: Connection, message_id: int) -> list[QueuedPayload]:

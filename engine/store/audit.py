@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -84,22 +85,30 @@ class AuditWriter:
             self._thread = None
 
     def _run(self) -> None:
+        """Wake when a row arrives, then sleep out the interval and take all that came meanwhile:
+        a burst is one transaction and one wake-up of this thread, not a thread switch (and a
+        turn of the GIL) per request, which cost the listener ~6% of its time on List reads."""
         stopping = False
         while not stopping:
             first = self._queue.get()
             if first is None:
                 break
+            time.sleep(self.interval)
             batch = [first]
-            try:  # gather what comes within the interval, so a burst is one transaction
-                while len(batch) < self.max_batch:
-                    nxt = self._queue.get(timeout=self.interval)
-                    if nxt is None:
-                        stopping = True
-                        break
-                    batch.append(nxt)
-            except queue.Empty:
-                pass
-            self._write(batch)
+            while True:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+                if len(batch) >= self.max_batch:
+                    self._write(batch)
+                    batch = []
+            if batch:
+                self._write(batch)
 
     def _write(self, batch: list[AuditRow]) -> None:
         try:

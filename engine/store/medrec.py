@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import pydantic_core
 from sqlalchemy import Index, Text, UniqueConstraint
@@ -37,6 +37,7 @@ __all__ = [
     "MedrecRecord",
     "MedrecSource",
     "MedrecSourceVersion",
+    "Saved",
     "SourceRow",
     "load_records",
     "load_sources",
@@ -131,15 +132,20 @@ def load_sources(conn: Connection, channel: str, patient_key: str) -> list[dict[
         cur.close()
 
 
+class Saved(NamedTuple):
+    """What `save_sources` did, so the caller recomputes without reading back what it wrote."""
+
+    touched: set[str]  # patients whose list must be recomputed (the rows', and a moved resource's former one)
+    current: dict[str, list[dict[str, Any]]]  # the rows' own patients: their current sources after the save
+    fresh: set[str]  # patients who had no source stored before: they have no records to replace either
+
+
 def save_sources(
     conn: Connection, channel: str, rows: Sequence[SourceRow], *, message_id: int | None, received_at: str
-) -> tuple[set[str], dict[str, list[dict[str, Any]]]]:
-    """Insert or update the given sources (the last one wins when a resource comes twice).
-
-    Returns the patients whose list must be recomputed (those of the rows, and the former patient
-    of a resource that moved) and, for the rows' own patients, their current sources after the
-    save, so the caller recomputes without reading back what it just wrote.
-    """
+) -> Saved:
+    """Insert or update the given sources (the last one wins when a resource comes twice). A
+    row's `data` dict is the very object put in `current` when it is stored (an older version
+    arriving late leaves the stored dict there instead)."""
     latest: dict[tuple[str, str], SourceRow] = {}
     for row in rows:
         latest[(row.resource_type, row.resource_id)] = row
@@ -156,6 +162,7 @@ def save_sources(
         current: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
         # key -> (row id, patient, data json, version time)
         stored: dict[tuple[str, str], tuple[int, str, str, str]] = {}
+        fresh: set[str] = set()
         for patient in patients:
             cur.execute(
                 f"SELECT id, resource_type, resource_id, version_time, data FROM medrec_sources "
@@ -163,23 +170,27 @@ def save_sources(
                 (channel, patient),
             )
             mine = current.setdefault(patient, {})
-            for rid, rtype, res_id, vtime, data in cur.fetchall():
+            rows_found = cur.fetchall()
+            if not rows_found:
+                fresh.add(patient)
+            for rid, rtype, res_id, vtime, data in rows_found:
                 text = crypto.open_text(data, SOURCE_DATA)
                 mine[(rtype, res_id)] = json.loads(text)
                 stored[(rtype, res_id)] = (int(rid), patient, text, vtime or "")
-        # a resource stored under another patient (it moved): found through the unique index
-        unknown: dict[str, list[str]] = {}
-        for rtype, res_id in latest:
-            if (rtype, res_id) not in stored:
-                unknown.setdefault(rtype, []).append(res_id)
-        for rtype, ids in unknown.items():
-            for chunk in _chunks(ids):
-                cur.execute(
-                    f"SELECT id, resource_id, patient_key, version_time, data FROM medrec_sources WHERE channel = {m} "
-                    f"AND resource_type = {m} AND resource_id IN ({', '.join([m] * len(chunk))})",
-                    (channel, rtype, *chunk),
-                )
-                for rid, res_id, patient, vtime, data in cur.fetchall():
+        # a resource stored under another patient (it moved): found through the unique index, in one
+        # statement for all types (a hit of another type with the same id is not one of ours)
+        unknown = [key for key in latest if key not in stored]
+        types = sorted({rtype for rtype, _ in unknown})
+        ids = sorted({res_id for _, res_id in unknown})
+        for chunk in _chunks(ids):
+            cur.execute(
+                f"SELECT id, resource_type, resource_id, patient_key, version_time, data FROM medrec_sources "
+                f"WHERE channel = {m} AND resource_type IN ({', '.join([m] * len(types))}) "
+                f"AND resource_id IN ({', '.join([m] * len(chunk))})",
+                (channel, *types, *chunk),
+            )
+            for rid, rtype, res_id, patient, vtime, data in cur.fetchall():
+                if (rtype, res_id) in latest:
                     stored[(rtype, res_id)] = (int(rid), patient, crypto.open_text(data, SOURCE_DATA), vtime or "")
 
         inserts, updates, versions = [], [], []
@@ -224,7 +235,7 @@ def save_sources(
             )
     finally:
         cur.close()
-    return touched, {p: list(v.values()) for p, v in current.items()}
+    return Saved(touched, {p: list(v.values()) for p, v in current.items()}, fresh)
 
 
 def load_sources_as_of(conn: Connection, channel: str, patient_key: str, until: str) -> list[dict[str, Any]]:
@@ -246,12 +257,15 @@ def load_sources_as_of(conn: Connection, channel: str, patient_key: str, until: 
 
 
 def replace_records(conn: Connection, channel: str, patient_key: str, records: Sequence[tuple[str, dict[str, Any]]],
-                    computed_on: str) -> None:
-    """The patient's records become `records` ((record key, data) pairs)."""
+                    computed_on: str, *, stored: bool = True) -> None:
+    """The patient's records become `records` ((record key, data) pairs); `stored=False` when the
+    patient is known to have none yet (no source before this unit): nothing to delete."""
     m = marker(conn.dialect)
     cur = _cursor(conn)
     try:
-        cur.execute(f"DELETE FROM medrec_records WHERE channel = {m} AND patient_key = {m}", (channel, patient_key))
+        if stored:
+            cur.execute(f"DELETE FROM medrec_records WHERE channel = {m} AND patient_key = {m}",
+                        (channel, patient_key))
         if records:
             cur.executemany(
                 "INSERT INTO medrec_records (channel, patient_key, record_key, computed_on, data) "
@@ -276,7 +290,7 @@ def load_records(conn: Connection, channel: str, patient_key: str) -> tuple[str,
     finally:
         cur.close()
     day = rows[0][0] if rows else ""
-    return day, [json.loads(crypto.open_text(data, RECORD_DATA)) for _, data in rows]
+    return day, [pydantic_core.from_json(crypto.open_text(data, RECORD_DATA)) for _, data in rows]
 
 
 def patients_of(conn: Connection, channel: str) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 from typer.testing import CliRunner
 
 from engine.cli import app as cli_app
@@ -152,6 +153,11 @@ async def test_bad_input_answers_name_the_element(engine: Any) -> None:
     del no_patient["subject"]
     response = await post(client, no_patient)
     assert response.status_code in (400, 422) and "subject" in response.json()["issue"][0]["expression"][0]
+    # refused by the destination's prepare step, before the writer: still stored as received, as an error
+    with _app.db.connect() as conn:
+        row = conn.execute(text("SELECT status, error_location, raw FROM messages WHERE control_id LIKE "
+                                "'MedicationRequest/np#%'")).one()
+    assert row[0] == "error" and "subject" in row[1] and json.loads(row[2])["id"] == "np"
     response = await client.get("/fhir/meds/List", headers=AUTH)
     assert response.status_code == 400 and response.json()["issue"][0]["expression"] == ["patient"]
     response = await client.get("/fhir/meds/List?patient=p1&as-of=yesterday", headers=AUTH)

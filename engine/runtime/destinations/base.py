@@ -51,6 +51,7 @@ class MessageContext:
     received_at: datetime
     content_type: str = "application/octet-stream"  # of `raw`, as the input adapter names it
     message_id: int | None = None  # set by the writer once the row exists
+    prepared: dict[str, Any] = field(default_factory=dict)  # destination name -> what its `prepare` kept
 
 
 @dataclass
@@ -125,6 +126,12 @@ class LocalDestination(Destination):
     def emits(cls, config: DestinationConfig) -> list[str]:
         """The queued destinations of the channel this one may emit to (checked at load)."""
         return []
+
+    def prepare(self, ctx: MessageContext, outputs: list[Any]) -> None:  # noqa: B027 - optional hook
+        """Work that needs no database, done on the event loop before the unit goes to the writer,
+        so that the writer's one thread spends its time on the database; may refuse the unit
+        (ProcessingError). What `apply` needs of it goes in `ctx.prepared[self.name]`; `apply`
+        must still work without it (a caller that never prepared)."""
 
     def apply(self, conn: Connection, ctx: MessageContext, outputs: list[Any]) -> list[Emitted] | None:
         """Write the mapped outputs; runs in the writer thread inside the message's transaction.

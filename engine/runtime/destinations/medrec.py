@@ -151,7 +151,13 @@ class MedrecDestination(LocalDestination):
 
     # -- the write side ----------------------------------------------------------------------------
 
-    def apply(self, conn: Connection, ctx: MessageContext, outputs: list[Any]) -> list[Emitted] | None:
+    def prepare(self, ctx: MessageContext, outputs: list[Any]) -> None:
+        """The sources read from the resource on the event loop (a bad one refuses the unit there)."""
+        ctx.prepared[self.name] = self._read(ctx)
+
+    @staticmethod
+    def _read(ctx: MessageContext) -> tuple[list[MedSource], list[store.SourceRow]]:
+        """The unit's sources and the rows they are stored as."""
         resource = getattr(ctx.view, "resource", ctx.view)
         if not isinstance(resource, dict):
             raise ProcessingError("the medrec destination needs a FHIR resource (input type fhir)")
@@ -161,40 +167,48 @@ class MedrecDestination(LocalDestination):
             code = REQUIRED_FIELD_MISSING if exc.text.startswith(("no ", "a medication resource needs")) else (
                 DATA_TYPE_ERROR)
             raise ProcessingError(exc.text, code, exc.location) from None
-        if not sources:
-            return None  # a Patient or a Medication on its own: stored as received, nothing to reconcile
         rows = [store.SourceRow(s.resource_type, s.id, s.patient, s.status, s.as_dict(), s.last_updated)
                 for s in sources]
+        return sources, rows
+
+    def apply(self, conn: Connection, ctx: MessageContext, outputs: list[Any]) -> list[Emitted] | None:
+        prepared = ctx.prepared.get(self.name)
+        sources, rows = prepared if prepared is not None else self._read(ctx)
+        if not sources:
+            return None  # a Patient or a Medication on its own: stored as received, nothing to reconcile
         received = ctx.received_at.astimezone(UTC).isoformat(timespec="microseconds")
         name = self.list_of(ctx.channel)
-        touched, current = store.save_sources(conn, name, rows, message_id=ctx.message_id, received_at=received)
+        saved = store.save_sources(conn, name, rows, message_id=ctx.message_id, received_at=received)
+        # a source of this unit that was stored is recomputed from the object it came from (its
+        # row's data dict is the very one in `current`); only the stored ones are read back
+        mine = {id(row.data): s for row, s in zip(rows, sources, strict=True)}
         rules = self.rules
         today = rules.today()
         emitted = []
-        for patient in sorted(touched):
-            data = current.get(patient)
+        for patient in sorted(saved.touched):
+            data = saved.current.get(patient)
             if data is None:
                 data = store.load_sources(conn, name, patient)
-            result = reconcile(patient, [MedSource.from_dict(d) for d in data], rules, today)
-            if self._save(conn, name, result) and self.config.push:
+            result = reconcile(patient, [mine.get(id(d)) or MedSource.from_dict(d) for d in data], rules, today)
+            if self._save(conn, name, result, stored=patient not in saved.fresh) and self.config.push:
                 emitted.append(self._push(name, result))
-        log.debug("medrec: %d source(s), %d patient(s) recomputed (message %s)", len(rows), len(touched),
+        log.debug("medrec: %d source(s), %d patient(s) recomputed (message %s)", len(rows), len(saved.touched),
                   ctx.control_id)
         return emitted
 
-    def _save(self, conn: Connection, channel: str, result: Reconciliation) -> bool:
+    def _save(self, conn: Connection, channel: str, result: Reconciliation, *, stored: bool = True) -> bool:
         """Store the patient's records; True when they differ from the stored ones (asked only
-        when lists are pushed: it costs a read)."""
+        when lists are pushed: it costs a read). `stored=False`: the patient has none yet."""
         seen: dict[str, int] = {}
         records = []
         for record in result.records:
             n = seen[record.key] = seen.get(record.key, 0) + 1
             records.append((record.key if n == 1 else f"{record.key}#{n}", record.as_dict()))
         changed = True
-        if self.config.push:
+        if self.config.push and stored:
             day, before = store.load_records(conn, channel, result.patient)
             changed = day != result.day.isoformat() or before != [data for _, data in records]
-        store.replace_records(conn, channel, result.patient, records, result.day.isoformat())
+        store.replace_records(conn, channel, result.patient, records, result.day.isoformat(), stored=stored)
         return changed
 
     def _push(self, channel: str, result: Reconciliation) -> Emitted:
