@@ -14,7 +14,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from engine.hl7.er7 import DEFAULT_ENCODING
 from engine.hl7.escape import escape
@@ -97,7 +97,7 @@ def _segment(name: str, fields: dict[int, str]) -> str:
 
 def build_status_message(status: OrderStatus, fmt: StatusFormat, *, control_id: str | None = None,
                          now: datetime | None = None) -> str:
-    stamp = (now or datetime.now().astimezone()).strftime("%Y%m%d%H%M%S")
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%d%H%M%S%z")  # with its offset, as the engine's ACKs
     omi = fmt.message.upper().startswith("OMI")
     structure = "OMI^O23^OMI_O23" if omi else "ORM^O01^ORM_O01"
     msh = "|".join([

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -81,6 +82,13 @@ class DeliveryConfig(Strict):
     # replaced by cluster.lease_seconds (a claim is renewed while it is worked on, not given a fixed
     # time); still accepted so that an engine.yaml that sets it loads, and ignored
     stall_seconds: float | None = None
+
+    @model_validator(mode="after")
+    def _stall_ignored(self) -> DeliveryConfig:
+        if self.stall_seconds is not None:
+            logging.getLogger(__name__).warning(
+                "delivery.stall_seconds is ignored: delivery claims are leased and renewed (cluster.lease_seconds)")
+        return self
 
 
 class ClusterConfig(Strict):
@@ -286,6 +294,11 @@ def load_config(
                         problems.append(chdoc.problem(("source", "port"), f"port {ep.port} is also used by {user}"))
                     listening[(ep.host, ep.port)] = f"channel {spec.config.name}"
             channels.append(spec)
+        polled = next((c for c in channels if c.config.name == engine_cfg.pacs.channel), None)
+        if engine_cfg.pacs.poll_minutes and polled is not None and polled.input.type != "dicom":
+            problems.append(Problem(_rel(path, base), 1, 1, "pacs.channel",
+                                    f"channel {polled.config.name!r} takes {polled.input.type}, not the PACS poll's "
+                                    "dicom units"))
     problems.sort(key=lambda p: (p.file, p.line, p.column))
     if problems_out is not None:
         problems_out.extend(problems)

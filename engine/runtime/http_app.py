@@ -230,6 +230,14 @@ class HttpApp:
         return await self._write(request, channel, rtype, rid)
 
     async def _write(self, request: Request, channel: str, rtype: str | None, rid: str | None) -> Response:
+        try:
+            return await self._write_unit(request, channel, rtype, rid)
+        except Exception as exc:  # the store failed: its error text can quote the body (PHI), so the type only
+            log.error("channel %s: HTTP unit not stored: %s", channel, type(exc).__name__)
+            return _refuse(503, "transient", "the engine could not store the request; nothing was kept, send it again",
+                           {"Retry-After": "5"})
+
+    async def _write_unit(self, request: Request, channel: str, rtype: str | None, rid: str | None) -> Response:
         found = self.channels.get(channel)
         if found is None:
             return _refuse(404, "not-found", f"no channel {channel!r} takes FHIR here")

@@ -71,7 +71,11 @@ class PacsPoll:
         for study in studies:
             if not study.StudyInstanceUID:
                 continue
-            outcome = await self.receiver.receive(found_unit(study, self.engine_aet))
+            try:
+                outcome = await self.receiver.receive(found_unit(study, self.engine_aet))
+            except Exception as exc:  # the store failed: its text can quote the unit (PHI), so the type only
+                log.error("channel=%s PACS poll stopped: %s", self.channel, type(exc).__name__)
+                break  # the next run asks again
             status = str(getattr(outcome, "status", MessageStatus.PROCESSED))
             counts[status] = counts.get(status, 0) + 1
         if counts.get(MessageStatus.PROCESSED) or counts.get(MessageStatus.ERROR):

@@ -53,7 +53,7 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
         store = sqlite_file(url)
         if store is not None:
             _private_store(store)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn, _record) -> None:
@@ -74,7 +74,7 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    engine = create_engine(url, pool_size=pool_size, max_overflow=8, pool_pre_ping=True)
+    engine = create_engine(url, pool_size=pool_size, max_overflow=8, pool_pre_ping=True, hide_parameters=True)
 
     @event.listens_for(engine, "connect")
     def _on_pg_connect(dbapi_conn, _record) -> None:
@@ -106,7 +106,7 @@ def make_read_engine(db: Engine) -> Engine:
             return db
         reader = _read_engines.get(db)
         if reader is None:
-            reader = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+            reader = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True)
 
             @event.listens_for(reader, "connect")
             def _on_connect(dbapi_conn: Any, _record: Any) -> None:

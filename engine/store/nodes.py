@@ -107,7 +107,7 @@ class StoreLock:
         from sqlalchemy.pool import NullPool
 
         # a connection of its own, outside the pool: closing it ends the session, and the lock with it
-        self._engine = create_engine(self.db.url, poolclass=NullPool)
+        self._engine = create_engine(self.db.url, poolclass=NullPool, hide_parameters=True)
         conn = self._engine.connect()
         fn = "pg_try_advisory_lock_shared" if self.shared else "pg_try_advisory_lock"
         got = conn.exec_driver_sql(f"SELECT {fn}({_LOCK_CLASS}, hashtext(current_schema()))").scalar()

@@ -177,7 +177,9 @@ class ImagingStudyDestination(QueuedDestination):
         try:
             headers = {"Accept": FHIR_JSON, **(await self.auth.headers(self.client))}
             found = judge(await self.client.get(f"{base}/{study.search}", headers=headers))
-            ids = [e["resource"]["id"] for e in (found.body or {}).get("entry") or [] if found.ok]
+            if not found.ok:  # retried whole: writing the study again is a conditional update
+                return DeliveryOutcome(ok=False, retry=found.retry, error=f"HTTP {found.status} on ImagingStudy search")
+            ids = [e["resource"]["id"] for e in (found.body or {}).get("entry") or []]
             if len(ids) != 1:
                 return None
             ref = f"ImagingStudy/{ids[0]}"

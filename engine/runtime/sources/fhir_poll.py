@@ -181,6 +181,9 @@ class FhirPollSource:
         except PollError as exc:
             error = str(exc)
             log.warning("channel=%s poll of %s failed: %s", self.channel, rtype, error)
+        except Exception as exc:  # the store (or a bug): its text can quote a resource (PHI), so the type only
+            error = type(exc).__name__
+            log.error("channel=%s poll of %s failed: %s", self.channel, rtype, error)
         watermark = None if error else ((began or today) - OVERLAP).astimezone(UTC).isoformat(timespec="seconds")
         if self.db is not None:
             await asyncio.to_thread(poll_state.record_run, self.db, self.channel, rtype, since=watermark,
