@@ -81,9 +81,12 @@ async def test_the_same_n_create_on_two_nodes_at_once(two: tuple[Node, Node]) ->
     for (x, ax), (y, ay) in await asyncio.gather(*same):
         assert sorted([x.status, y.status]) == [MessageStatus.DUPLICATE, MessageStatus.PROCESSED]
         assert ax.status == ay.status == 0x0000
+        assert x.answer == y.answer  # the duplicate gets the first one's stored answer
     with a.db.connect() as conn:
         uids = conn.execute(select(STEPS.c.sop_instance_uid)).scalars().all()
+        told = conn.exec_driver_sql("SELECT count(*) FROM deliveries WHERE destination = 'ris'").scalar()
     assert sorted(uids) == sorted(o.mpps_uid() for o in orders)
+    assert told == len(orders)
 
 
 async def test_two_different_n_creates_for_one_instance_at_once(two: tuple[Node, Node]) -> None:
@@ -101,7 +104,9 @@ async def test_two_different_n_creates_for_one_instance_at_once(two: tuple[Node,
     with a.db.connect() as conn:
         uids = conn.execute(select(STEPS.c.sop_instance_uid)).scalars().all()
         creates = conn.execute(select(MESSAGES.c.status).where(MESSAGES.c.message_type == "MPPS^N-CREATE")).all()
+        told = conn.exec_driver_sql("SELECT count(*) FROM deliveries WHERE destination = 'ris'").scalar()
     assert sorted(uids) == sorted(o.mpps_uid() for o in orders)
+    assert told == len(orders)  # one IN PROGRESS status per order: the loser's was rolled back
     assert sorted(r.status for r in creates).count("processed") == len(orders)
 
 
