@@ -255,11 +255,15 @@ class EngineApp:
         return self.channels[channel].source.endpoints()[0].port
 
     def endpoints(self) -> list[tuple[str, Endpoint]]:
-        """Every listener, for the start-up banner: (what, where)."""
+        """Every listener, for the start-up banner: (what, where). A channel without a listener of
+        its own that takes what the DICOM SCP receives (MPPS) is shown on the SCP's endpoint."""
         found = [(name, ep) for name, ch in self.channels.items() for ep in ch.source.endpoints()]
         if self.scp is not None:
             d = self.config.engine.dicom
-            found.append((f"DICOM {d.ae_title}", Endpoint("dicom", d.host, int(self.scp.port))))
+            scp = Endpoint("dicom", d.host, int(self.scp.port))
+            found.append((f"DICOM {d.ae_title}", scp))
+            found += [(f"{name} (MPPS on DICOM {d.ae_title})", scp) for name, ch in self.channels.items()
+                      if getattr(ch.source, "served_by", "") == "dicom"]
         if self.http is not None:
             found.append(("HTTP (health)", self.http.endpoint()))
         return found

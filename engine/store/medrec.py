@@ -153,12 +153,15 @@ def save_sources(
     cur = _cursor(conn)
     try:
         patients = {r.patient_key for r in latest.values()}
-        if conn.dialect.name == "postgresql":
+        locking = conn.dialect.name == "postgresql"  # SQLite has one writer already
+        if locking:
             # several engine processes on one database: one unit at a time per patient list, so
-            # that two never recompute (delete and insert) the same records side by side; taken
-            # in a fixed order, released at commit. SQLite has one writer already.
-            for patient in sorted(patients):
-                cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"medrec|{channel}|{patient}",))
+            # that two never recompute (delete and insert) the same records side by side, and per
+            # resource, so that one resource posted for two patients at once is inserted by one
+            # unit and updated (moved) by the other, as a single process does, not refused by the
+            # unique key
+            _lock(cur, [_patient_lock(channel, p) for p in patients]
+                  + [f"medrec-resource|{channel}|{t}|{i}" for t, i in latest])
         current: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
         # key -> (row id, patient, data json, version time)
         stored: dict[tuple[str, str], tuple[int, str, str, str]] = {}
@@ -192,6 +195,11 @@ def save_sources(
             for rid, rtype, res_id, patient, vtime, data in cur.fetchall():
                 if (rtype, res_id) in latest:
                     stored[(rtype, res_id)] = (int(rid), patient, crypto.open_text(data, SOURCE_DATA), vtime or "")
+        former = {stored[k][1] for k in unknown if k in stored} - patients
+        if locking and former:
+            # the patients moved resources leave get their lists recomputed too: theirs is taken
+            # out of order (rare; a deadlock it makes is retried with the whole group)
+            _lock(cur, [_patient_lock(channel, p) for p in former])
 
         inserts, updates, versions = [], [], []
         touched = set(patients)
@@ -236,6 +244,18 @@ def save_sources(
     finally:
         cur.close()
     return Saved(touched, {p: list(v.values()) for p, v in current.items()}, fresh)
+
+
+def _patient_lock(channel: str, patient_key: str) -> str:
+    return f"medrec|{channel}|{patient_key}"
+
+
+def _lock(cur: Any, keys: list[str]) -> None:
+    """PostgreSQL advisory locks on `keys`, taken in one statement in sorted order (so two units
+    never wait on each other crosswise); released at commit."""
+    cur.execute("SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) "
+                "FROM (SELECT DISTINCT unnest(%s::text[]) AS k ORDER BY 1) AS wanted", (sorted(keys),))
+    cur.fetchall()
 
 
 def load_sources_as_of(conn: Connection, channel: str, patient_key: str, until: str) -> list[dict[str, Any]]:

@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, String, Text, UniqueConstraint, and_, func, insert, or_, select, update
+from sqlalchemy import DateTime, String, Text, UniqueConstraint, and_, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, SQLModel
 
@@ -66,9 +67,13 @@ def _dump(record: Mapping[str, Any]) -> str:
     return crypto.seal_text(json.dumps(record, ensure_ascii=False, separators=(",", ":")), DATASET)
 
 
-def get_step(conn: Connection, sop_instance_uid: str) -> dict[str, Any] | None:
-    """The step with its `record` ({"pps": DICOM JSON, "orders": [...]}), or None."""
-    row = conn.execute(select(T).where(T.c.sop_instance_uid == sop_instance_uid)).mappings().first()
+def get_step(conn: Connection, sop_instance_uid: str, *, for_update: bool = False) -> dict[str, Any] | None:
+    """The step with its `record` ({"pps": DICOM JSON, "orders": [...]}), or None.
+
+    `for_update`: the row stays locked until the caller's commit (PostgreSQL), so two N-SETs of one
+    step on two nodes are applied one after the other, the second seeing the first's status."""
+    query = select(T).where(T.c.sop_instance_uid == sop_instance_uid)
+    row = conn.execute(query.with_for_update() if for_update else query).mappings().first()
     if row is None:
         return None
     found = dict(row)
@@ -76,11 +81,19 @@ def get_step(conn: Connection, sop_instance_uid: str) -> dict[str, Any] | None:
     return found
 
 
-def insert_step(conn: Connection, record: Mapping[str, Any], **columns: Any) -> int:
+def insert_step(conn: Connection, record: Mapping[str, Any], **columns: Any) -> int | None:
+    """The new step's id, or None when a step with this SOP Instance UID exists already.
+
+    The unique key decides a race: when another engine node inserts the same instance at the same
+    moment, the database makes this insert wait for that one's commit and then skip, so the caller
+    answers as it does for any existing instance instead of failing on a unique violation."""
     now = utcnow()
     values = {"created_at": now, "updated_at": now, **columns, "dataset_json": _dump(record)}
-    result = conn.execute(insert(T).values(**values))
-    return int(result.inserted_primary_key[0])  # type: ignore[index]  # one row inserted
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite  # the two stores the engine runs on
+    stmt = (dialect.insert(T).values(**values)
+            .on_conflict_do_nothing(index_elements=[T.c.sop_instance_uid]).returning(T.c.id))
+    new_id = conn.execute(stmt).scalar()
+    return int(new_id) if new_id is not None else None
 
 
 def update_step(conn: Connection, step_id: int, record: Mapping[str, Any], **columns: Any) -> None:

@@ -413,3 +413,12 @@ async def test_an_undecodable_dataset_is_stored_and_refused(
     rows = stored(engine)
     assert len(rows) == 1 and rows[0]["status"] == "error"
     assert base64.b64decode(json.loads(rows[0]["raw"])["undecodable"]) == garbage
+
+
+async def test_the_banner_shows_the_mpps_channel_on_the_dicom_endpoint(engine: EngineApp) -> None:
+    """pacs-studies listens nowhere itself: `engine run` names it with the SCP's address."""
+    shown = dict(engine.endpoints())
+    scp = next(ep for what, ep in shown.items() if what.startswith("DICOM "))
+    mpps = [what for what in shown if what.startswith("pacs-studies")]
+    assert mpps == [f"pacs-studies (MPPS on {next(w for w in shown if w.startswith('DICOM '))})"]
+    assert shown[mpps[0]] == scp and scp.port == engine.scp.port

@@ -237,7 +237,7 @@ class StepsDestination(LocalDestination):
         orders = [_order_of(r) for r in rows.values()]
         first = (_items(pps, SSAS) or [Dataset()])[0]
         study_uid = _s(first.get("StudyInstanceUID"))
-        insert_step(
+        step_id = insert_step(
             conn,
             {"pps": pps.to_json_dict(), "orders": orders},
             sop_instance_uid=uid,
@@ -250,6 +250,9 @@ class StepsDestination(LocalDestination):
             worklist_items=",".join(str(i) for i in rows),
             message_id=ctx.message_id,
         )
+        if step_id is None:  # another node created it meanwhile: as if it had come first
+            raise DicomRefusal("this Performed Procedure Step already exists", DUPLICATE_SOP_INSTANCE,
+                               "sop_instance_uid")
         if not rows:
             warning = ProcessingWarning(
                 "no worklist item matches the Scheduled Step Attributes: kept as an unscheduled step",
@@ -268,7 +271,7 @@ class StepsDestination(LocalDestination):
 
     def _set(self, conn: Connection, view: DicomView) -> list[Emitted]:
         uid = view.sop_instance_uid
-        step = get_step(conn, uid)
+        step = get_step(conn, uid, for_update=True)
         if step is None:
             raise DicomRefusal("no such Performed Procedure Step", NO_SUCH_SOP_INSTANCE, "sop_instance_uid")
         old = step["status"]

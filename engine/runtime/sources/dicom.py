@@ -39,6 +39,7 @@ class DicomSource:
     Config: ClassVar[type[SourceConfig]] = DicomSourceConfig
     default_input: ClassVar[str] = "dicom"
     one_channel_only: ClassVar[bool] = True
+    served_by: ClassVar[str] = "dicom"  # its units arrive on the app's DICOM listener (the banner says so)
 
     def __init__(self, config: SourceConfig, receiver: Receiver) -> None:
         assert isinstance(config, DicomSourceConfig)
