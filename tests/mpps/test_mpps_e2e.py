@@ -16,6 +16,8 @@ import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
+from engine.hl7.er7 import Message
+from engine.hl7.mllp import MLLPClient
 from engine.runtime.app import EngineApp
 from engine.store.models import Delivery
 from engine.store.models import Message as StoredMessage
@@ -422,3 +424,32 @@ async def test_the_banner_shows_the_mpps_channel_on_the_dicom_endpoint(engine: E
     mpps = [what for what in shown if what.startswith("pacs-studies")]
     assert mpps == [f"pacs-studies (MPPS on {next(w for w in shown if w.startswith('DICOM '))})"]
     assert shown[mpps[0]] == scp and scp.port == engine.scp.port
+
+
+async def test_a_cancelled_order_is_not_completed_by_the_final_n_set(engine: EngineApp, ris: FakeRis) -> None:
+    """The RIS cancels the order while the modality works: the N-SET COMPLETED is taken (the step is
+    what the modality did) but the item stays CANCELLED and the RIS is not told the order completed."""
+    order = Order()
+    await order.place(engine)
+    uid = order.mpps_uid()
+    assert (await n_create(engine, order.n_create(), uid)).Status == 0
+    cancel = order.orm().replace(b"ORC|NW|", b"ORC|CA|").replace(b"||SC||", b"||CA||")
+    cancel = cancel.replace(f"|C{order.tag}|".encode(), f"|X{order.tag}|".encode())  # its own MSH-10
+    async with MLLPClient("127.0.0.1", engine.port_of("ris-orders"), read_timeout=30) as client:
+        ack = Message.parse(await client.send(cancel))
+    assert ack.get("MSA-1") == "AA", ack.to_er7()
+    assert item_status(engine, order) == "CANCELLED"
+
+    assert (await n_set(engine, order.completed(), uid)).Status == 0
+    assert item_status(engine, order) == "CANCELLED"
+    performed = step(engine, uid)
+    assert performed is not None and performed["status"] == "COMPLETED"
+    n_set_row = stored(engine)[-1]
+    assert n_set_row["message_type"] == "MPPS^N-SET" and n_set_row["status"] == "processed"
+    assert engine.db is not None
+    with engine.db.connect() as conn:
+        queued = conn.execute(select(DELIVERIES.c.destination).where(DELIVERIES.c.message_id == n_set_row["id"]))
+        destinations = sorted(queued.scalars())
+    assert "ris" not in destinations  # no SC^CM for a cancelled order (its images still make an ImagingStudy)
+    got = await ris.wait_for(1)
+    assert [status_of(m) for m in got] == [("SC", "IP")]

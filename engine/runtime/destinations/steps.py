@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 from pydicom.dataset import Dataset
+from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
 from engine.dicom.adapter import DicomView
@@ -42,7 +43,7 @@ from engine.runtime.destinations.base import DestinationConfig, Emitted, LocalDe
 from engine.runtime.registry import Registry
 from engine.store.messages import note_message
 from engine.store.steps import completed_instances, get_step, insert_step, match_item, update_step
-from engine.store.worklist import OPEN_STATUSES, SPS_SEQ, StepStatus, set_status
+from engine.store.worklist import OPEN_STATUSES, SPS_SEQ, StepStatus, WorklistItem, set_status
 
 __all__ = ["StepsDestination", "StepsDestinationConfig", "register", "study_payload"]
 
@@ -293,7 +294,7 @@ class StepsDestination(LocalDestination):
         update_step(conn, step["id"], record, status=new, discontinuation_reason=reason, instance_count=count)
         if new == old:
             return []
-        orders = record.get("orders") or []
+        orders = _still_open(conn, record.get("orders") or [])  # a cancelled order is not completed by the modality
         for order in orders:
             set_status(conn, int(order["item_id"]), ITEM_STATUS[new])
         emitted = self._statuses(orders, pps, new)
@@ -362,3 +363,15 @@ class StepsDestination(LocalDestination):
 
 def register(registry: Registry) -> None:
     registry.add_destination("steps", StepsDestination)
+
+
+def _still_open(conn: Connection, orders: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The step's orders whose worklist item is still scheduled or in progress (the RIS may have
+    cancelled one while the modality worked: its status stays, and the RIS hears nothing of it)."""
+    ids = [int(o["item_id"]) for o in orders]
+    if not ids:
+        return []
+    table = WorklistItem.__table__  # type: ignore[attr-defined]  # SQLModel declares it at class creation
+    rows = conn.execute(select(table.c.id).where(table.c.id.in_(ids), table.c.status.in_(OPEN_STATUSES)))
+    open_ids = set(rows.scalars())
+    return [o for o in orders if int(o["item_id"]) in open_ids]
