@@ -192,3 +192,30 @@ async def test_poller_sends_the_emr_token(tmp_path: Path) -> None:
         assert [c.split("#")[0] for c in results["right"][1]] == ["MedicationRequest/tok1"]
     finally:
         await asyncio.to_thread(emr.stop)
+
+
+def test_poll_configuration_is_checked_at_load() -> None:
+    from pydantic import ValidationError
+
+    from engine.runtime.sources.fhir_poll import FhirPollConfig
+
+    base = {"type": "fhir-poll", "base_url": "http://emr.example/fhir"}
+    with pytest.raises(ValidationError, match="not a medication resource type: MedicationRequets"):
+        FhirPollConfig(**base, resources=["MedicationRequets"])
+    with pytest.raises(ValidationError, match="queries.MedicationDispense: not among the polled resources"):
+        FhirPollConfig(**base, resources=["MedicationRequest"], queries={"MedicationDispense": ["status=active"]})
+    with pytest.raises(ValidationError, match="may use only {start}"):
+        FhirPollConfig(**base, queries={"MedicationRequest": ["authoredon=ge{since}"]})
+
+
+def test_next_pages_are_followed_on_the_emrs_host_only() -> None:
+    from engine.runtime.sources.fhir_poll import PollError, _next_link
+
+    def page(url: str) -> dict[str, Any]:
+        return {"resourceType": "Bundle", "link": [{"relation": "next", "url": url}]}
+
+    base = "http://emr.example:8090/fhir"
+    assert _next_link(page("http://emr.example:8090/fhir?page=2"), base) == "http://emr.example:8090/fhir?page=2"
+    assert _next_link(page("/fhir?page=3"), base) == "http://emr.example:8090/fhir?page=3"
+    with pytest.raises(PollError, match="another host"):  # the EMR's token would go with it
+        _next_link(page("http://elsewhere.example/fhir?page=2"), base)

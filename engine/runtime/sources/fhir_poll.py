@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from zoneinfo import ZoneInfo
 
 import httpx
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from sqlalchemy import Engine
 
 from engine.fhir.client import FHIR_JSON, Auth, AuthConfig, AuthError
@@ -59,6 +59,27 @@ class FhirPollConfig(SourceConfig):
     max_pages: int = Field(1000, ge=1)  # per query and run: a runaway `next` chain stops here
     timeout: float = Field(30.0, gt=0)
     verify_tls: bool = True
+
+    @field_validator("resources")
+    @classmethod
+    def _known_types(cls, value: list[str]) -> list[str]:
+        unknown = [t for t in value if t not in WINDOW_QUERIES]
+        if unknown:
+            known = ", ".join(WINDOW_QUERIES)
+            raise ValueError(f"not a medication resource type: {', '.join(unknown)} (one of {known})")
+        return value
+
+    @model_validator(mode="after")
+    def _queries_fit(self) -> FhirPollConfig:
+        for rtype, templates in self.queries.items():
+            if rtype not in self.resources:
+                raise ValueError(f"queries.{rtype}: not among the polled resources")
+            for template in templates:
+                try:
+                    template.format(start="2000-01-01")
+                except (KeyError, IndexError, ValueError):
+                    raise ValueError(f"queries.{rtype}: a template may use only {{start}}") from None
+        return self
 
     @field_validator("timezone")
     @classmethod
@@ -177,7 +198,7 @@ class FhirPollSource:
                                  if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
                     fetched += len(resources)
                     stored += await self._hand_over(resources)
-                    url, query = _next_link(bundle), None
+                    url, query = _next_link(bundle, self.config.base_url), None
         except PollError as exc:
             error = str(exc)
             log.warning("channel=%s poll of %s failed: %s", self.channel, rtype, error)
@@ -238,10 +259,15 @@ def _server_time(header: str | None, fallback: datetime) -> datetime:
     return fallback
 
 
-def _next_link(bundle: dict[str, Any]) -> str | None:
+def _next_link(bundle: dict[str, Any], base_url: str) -> str | None:
+    """The next page, on the EMR's own host only: the EMR's credentials go with it."""
     for link in bundle.get("link") or []:
         if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
-            return str(link["url"])
+            base = httpx.URL(base_url)
+            url = base.join(str(link["url"]))  # a relative link is the EMR's own
+            if (url.scheme, url.host, url.port) != (base.scheme, base.host, base.port):
+                raise PollError("the next page is on another host than the EMR; not followed")
+            return str(url)
     return None
 
 
