@@ -303,7 +303,9 @@ def main() -> None:
         print("hl7v2-fhir-bridge: not installed (pass --bridge DIR); no baseline ratio")
     engine_rate = (total - done0) / delivered
     direct_mean = statistics.mean(direct)
-    print(f"delivery to sekmet, 8 parallel: engine {engine_rate:,.1f} reports/s (stale check + transaction; states "
+    stale = os.environ.get("EMR_STALE_CHECK", "true").lower() not in ("false", "0", "no")
+    how = "stale check + transaction" if stale else "transaction, EMR_STALE_CHECK=false"
+    print(f"delivery to sekmet, 8 parallel: engine {engine_rate:,.1f} reports/s ({how}; states "
           f"{final}); direct transactions {direct_mean:,.1f}/s ({direct[0]:,.1f} before, {direct[1]:,.1f} after); "
           f"engine/direct {engine_rate / direct_mean:.2f}")
 
