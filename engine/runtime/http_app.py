@@ -32,7 +32,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.fhir.adapter import operation_outcome, read_answer
+from engine.errors import DATA_TYPE_ERROR, UNSUPPORTED_MESSAGE_TYPE
+from engine.fhir.adapter import FHIRInputError, operation_outcome, read_answer
 from engine.runtime import metrics
 from engine.runtime.config import HttpConfig
 from engine.runtime.sources.base import Endpoint, Receiver
@@ -254,14 +255,11 @@ class HttpApp:
         except BodyTooLarge as exc:
             close = {} if exc.args[0] else {"Connection": "close"}
             return _refuse(413, "too-long", f"the body is larger than {limit} bytes", close)
-        if rtype is not None:
-            mismatch = _path_mismatch(raw, rtype, rid)
-            if mismatch:
-                return _refuse(400, "invalid", mismatch)
+        refusal = _path_mismatch(raw, rtype, rid) if rtype is not None else None
         adapter = receiver.adapter
-        parts = adapter.split(raw)
+        parts = None if refusal is not None else adapter.split(raw)
         if parts is None:
-            outcome = await receiver.receive(raw)
+            outcome = await receiver.receive(raw, refusal=refusal)  # a mismatch is stored too, as an error
             request.state.message_id = outcome.message_id
             answer = read_answer(outcome.answer)
             headers: dict[str, str] = {}
@@ -331,13 +329,22 @@ async def _read_body(request: Request, limit: int) -> bytes:
     raise BodyTooLarge(True)
 
 
-def _path_mismatch(raw: bytes, rtype: str, rid: str | None) -> str:
+def _path_mismatch(raw: bytes, rtype: str, rid: str | None) -> FHIRInputError | None:
     """`POST /Type` and `PUT /Type/id` must name what the body holds (a body that is not JSON is
     left to the adapter, which stores and refuses it)."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        return ""
+        return None
+    if not isinstance(body, dict):
+        return None
+    if body.get("resourceType") != rtype:
+        text = f"the URL names {rtype} but the body is a {body.get('resourceType') or 'resource without a type'}"
+        return FHIRInputError(text, UNSUPPORTED_MESSAGE_TYPE, "resourceType", http=400, issue="invalid")
+    if rid is not None and body.get("id") != rid:
+        return FHIRInputError("the id in the URL and the resource's id differ", DATA_TYPE_ERROR, f"{rtype}.id",
+                              http=400, issue="invalid")
+    return None
     if not isinstance(body, dict):
         return ""
     if body.get("resourceType") != rtype:

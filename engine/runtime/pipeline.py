@@ -66,8 +66,12 @@ class Pipeline:
     def adapter(self) -> InputAdapter:
         return self._adapter
 
-    async def receive(self, raw: bytes, *, replay_of: int | None = None) -> Outcome:
-        unit, encoding = self.prepare(raw)
+    async def receive(
+        self, raw: bytes, *, replay_of: int | None = None, refusal: ProcessingError | None = None
+    ) -> Outcome:
+        """`refusal`: the source found the unit wrong for how it came (an HTTP URL naming another
+        resource than its body): stored as received, as an error, and answered with it."""
+        unit, encoding = self.prepare(raw, refusal)
         unit.replay_of = replay_of
         if replay_of is not None:
             unit.dedupe = False
@@ -86,7 +90,7 @@ class Pipeline:
             encoding=encoding,
         )
 
-    def prepare(self, raw: bytes) -> tuple[WorkUnit, str]:
+    def prepare(self, raw: bytes, refusal: ProcessingError | None = None) -> tuple[WorkUnit, str]:
         """Everything that needs no database: runs on the event loop, never raises."""
         received_at = utcnow()
         try:
@@ -109,6 +113,9 @@ class Pipeline:
             warnings=list(parsed.warnings),
         )
         unit.answer = _bind(self._adapter.answer(parsed), unit.warnings)
+        if refusal is not None:
+            unit.error = refusal
+            return unit, parsed.encoding
         try:
             self._check(parsed)
             if self._passes_filter(parsed):

@@ -13,6 +13,7 @@ from typing import ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+from engine.errors import ProcessingError
 from engine.inputs import InputAdapter, Outcome
 
 
@@ -46,7 +47,9 @@ class Receiver(Protocol):
     @property
     def adapter(self) -> InputAdapter: ...
 
-    async def receive(self, raw: bytes, *, replay_of: int | None = None) -> Outcome: ...
+    async def receive(
+        self, raw: bytes, *, replay_of: int | None = None, refusal: ProcessingError | None = None
+    ) -> Outcome: ...
 
 
 class Source(Protocol):
