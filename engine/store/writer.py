@@ -567,7 +567,9 @@ class _Contended(Exception):
 def _is_contention(exc: BaseException) -> bool:
     if isinstance(exc, _Contended):
         return True
-    orig = getattr(exc, "orig", None)
+    # SQLAlchemy wraps the driver's error (`.orig`); a statement run on the raw driver connection
+    # (engine.store.fastsql, the medication store's locks) raises psycopg's own, which has `.sqlstate`
+    orig = getattr(exc, "orig", exc)
     return getattr(orig, "sqlstate", None) in _CONTENTION
 
 

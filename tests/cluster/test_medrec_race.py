@@ -105,3 +105,17 @@ async def test_one_resource_posted_for_two_patients_at_once(db: sqlalchemy.Engin
     rows = _sources(db)
     assert sorted(r.resource_id for r in rows) == sorted(r["id"] for r in first)
     assert _count(db, VERSIONS) == 120
+
+
+def test_a_deadlock_raised_by_the_driver_itself_is_contention_not_an_error() -> None:
+    """The medication store takes its locks on the raw driver connection, so a deadlock there is
+    psycopg's own error, not SQLAlchemy's wrapper: it too must make the writer try again."""
+    import psycopg.errors
+    from sqlalchemy.exc import OperationalError
+
+    from engine.store.writer import _is_contention
+
+    raw = psycopg.errors.DeadlockDetected("deadlock detected")
+    assert _is_contention(raw)
+    assert _is_contention(OperationalError("SELECT 1", {}, raw))
+    assert not _is_contention(psycopg.errors.UniqueViolation("duplicate key"))
