@@ -14,10 +14,11 @@ import json
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Protocol
 from zoneinfo import ZoneInfo
 
 from engine.dicom.pacs import Pacs, PacsError, StudyInfo, study_dataset
+from engine.inputs import Outcome
 from engine.store.models import MessageStatus
 
 __all__ = ["FOUND_SOP_CLASS", "PacsPoll", "found_unit"]
@@ -28,7 +29,9 @@ FOUND_SOP_CLASS = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve Inf
 
 
 class Receiver(Protocol):
-    async def receive(self, raw: bytes, *, replay_of: int | None = None) -> Any: ...
+    """What the poll hands units to (the channel's pipeline); no adapter needed, unlike a source's."""
+
+    async def receive(self, raw: bytes, *, replay_of: int | None = None) -> Outcome: ...
 
 
 def found_unit(study: StudyInfo, engine_aet: str) -> bytes:
@@ -76,7 +79,7 @@ class PacsPoll:
             except Exception as exc:  # the store failed: its text can quote the unit (PHI), so the type only
                 log.error("channel=%s PACS poll stopped: %s", self.channel, type(exc).__name__)
                 break  # the next run asks again
-            status = str(getattr(outcome, "status", MessageStatus.PROCESSED))
+            status = str(outcome.status)
             counts[status] = counts.get(status, 0) + 1
         if counts.get(MessageStatus.PROCESSED) or counts.get(MessageStatus.ERROR):
             log.info("channel=%s PACS poll: %d studies, %s", self.channel, len(studies),

@@ -16,12 +16,13 @@ from typing import Any
 from sqlalchemy import Engine, insert, select
 
 from engine.dicom.pacs import CFindPacs, QidoPacs
+from engine.inputs import Outcome
 from engine.runtime.delivery import DeliveryWorker
 from engine.runtime.destinations.imagingstudy import ImagingStudyConfig, ImagingStudyDestination, found_payload
 from engine.runtime.jobs_pacs import PacsPoll
 from engine.store import queue
 from engine.store.db import init_db, make_engine
-from engine.store.models import Delivery, DeliveryState, Message
+from engine.store.models import Delivery, DeliveryState, Message, MessageStatus
 
 DELIVERIES = Delivery.__table__  # type: ignore[attr-defined]
 MESSAGES = Message.__table__  # type: ignore[attr-defined]
@@ -216,9 +217,9 @@ class Collect:
     def __init__(self) -> None:
         self.units: list[bytes] = []
 
-    async def receive(self, raw: bytes, *, replay_of: int | None = None) -> Any:
+    async def receive(self, raw: bytes, *, replay_of: int | None = None) -> Outcome:
         self.units.append(raw)
-        return None
+        return Outcome(status=MessageStatus.PROCESSED, message_id=len(self.units))
 
 
 async def test_poll_finds_a_study_without_mpps(tmp_path: Path, orthanc: Any, emr: Any, kit: ModuleType) -> None:
